@@ -1,0 +1,16 @@
+# Sourced by bin/qdedup and bin/test: sets QDEDUP_JAVA_HOME to a JDK >= 25 (JAVA_HOME first, then /usr/lib/jvm/*).
+qdedup_java_major() {
+  local v
+  v=$("$1/bin/java" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' | head -n1)
+  echo "${v%%.*}"
+}
+qdedup_find_jdk() {
+  local c m
+  for c in ${JAVA_HOME:+"$JAVA_HOME"} /usr/lib/jvm/*; do
+    [ -x "$c/bin/java" ] && [ -x "$c/bin/javac" ] || continue
+    m=$(qdedup_java_major "$c")
+    if [ -n "$m" ] && [ "$m" -ge 25 ] 2>/dev/null; then QDEDUP_JAVA_HOME=$c; return 0; fi
+  done
+  echo "qdedup: no JDK >= 25 found (looked at JAVA_HOME and /usr/lib/jvm/*); install one, e.g. temurin-25-jdk, and set JAVA_HOME" >&2
+  return 1
+}

@@ -1,0 +1,67 @@
+package org.qdedup.image;
+
+import com.github.luben.zstd.ZstdDecompressCtx;
+import java.util.zip.DataFormatException;
+import java.util.zip.Inflater;
+import org.qdedup.format.Header;
+
+/** Decompression of one qcow2 compressed cluster: zlib (raw deflate) or zstd (one or more frames). */
+final class Compression {
+    private Compression() {
+    }
+
+    /**
+     * Decompresses {@code src[0..srcLen)} into exactly {@code dst.length} bytes; trailing input bytes are ignored.
+     *
+     * @return null on success, else what is wrong
+     */
+    static String decompress(int type, byte[] src, int srcLen, byte[] dst) {
+        return type == Header.COMPRESSION_ZSTD ? zstd(src, srcLen, dst) : zlib(src, srcLen, dst);
+    }
+
+    private static String zlib(byte[] src, int srcLen, byte[] dst) {
+        Inflater inf = new Inflater(true);
+        try {
+            inf.setInput(src, 0, srcLen);
+            int got = 0;
+            while (got < dst.length) {
+                int n = inf.inflate(dst, got, dst.length - got);
+                got += n;
+                if (n == 0 && (inf.finished() || inf.needsInput() || inf.needsDictionary())) {
+                    break;
+                }
+            }
+            return got == dst.length ? null : "zlib stream ends after " + got + " of " + dst.length + " bytes";
+        } catch (DataFormatException e) {
+            return "zlib data corrupt (" + e.getMessage() + ")";
+        } finally {
+            inf.end();
+        }
+    }
+
+    private static String zstd(byte[] src, int srcLen, byte[] dst) {
+        // Frames follow each other with no length prefix: decode frame after frame until the cluster is full.
+        try (ZstdDecompressCtx ctx = new ZstdDecompressCtx()) {
+            int in = 0, out = 0;
+            while (out < dst.length) {
+                if (in >= srcLen) {
+                    return "zstd data ends after " + out + " of " + dst.length + " bytes";
+                }
+                long frameSize = com.github.luben.zstd.Zstd.findFrameCompressedSize(src, in, srcLen - in);
+                if (com.github.luben.zstd.Zstd.isError(frameSize)) {
+                    return "zstd frame at byte " + in + " corrupt (" + com.github.luben.zstd.Zstd.getErrorName(frameSize) + ")";
+                }
+                int n;
+                try {
+                    n = ctx.decompressByteArray(dst, out, dst.length - out, src, in, (int) frameSize);
+                } catch (RuntimeException e) {
+                    return "zstd frame at byte " + in + " corrupt (" + e.getMessage() + ")";
+                }
+                out += n;
+                in += (int) frameSize;
+                ctx.reset();
+            }
+            return null;
+        }
+    }
+}

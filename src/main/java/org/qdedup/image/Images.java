@@ -1,0 +1,197 @@
+package org.qdedup.image;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.ArrayList;
+import java.util.HashSet;
+import java.util.List;
+import java.util.Set;
+import org.qdedup.format.Be;
+import org.qdedup.format.FormatException;
+import org.qdedup.format.Geometry;
+import org.qdedup.format.Header;
+import org.qdedup.format.Snapshot;
+import org.qdedup.io.BlockFile;
+import org.qdedup.io.FileBlockFile;
+
+/** Opens images read-only: probes the format, validates the header and tables, resolves backing chains. */
+public final class Images {
+    /** QEMU's limit on backing chain depth is far higher; we cap at 64 to bound recursion and open files. */
+    public static final int MAX_CHAIN_DEPTH = 64;
+
+    private Images() {
+    }
+
+    /** Opens an image and its whole backing chain for reading. */
+    public static BlockDevice open(String name, OpenOptions opts) throws IOException {
+        return open(name, Path.of(name), opts, 0, new HashSet<>());
+    }
+
+    /**
+     * QEMU's path_combine: a relative name is taken relative to the directory of the referring image's name.
+     */
+    public static String combine(String referrer, String name) {
+        if (name.startsWith("/")) {
+            return name;
+        }
+        int slash = referrer.lastIndexOf('/');
+        return slash < 0 ? name : referrer.substring(0, slash + 1) + name;
+    }
+
+    /** Reads the first bytes and says whether the file is qcow2 (by its magic). */
+    public static boolean looksLikeQcow2(BlockFile f) throws IOException {
+        byte[] magic = new byte[4];
+        int n = f.read(ByteBuffer.wrap(magic), 0);
+        return n == 4 && (int) Be.u32(magic, 0) == Header.MAGIC;
+    }
+
+    private static BlockDevice open(String name, Path path, OpenOptions opts, int depth, Set<Path> seen) throws IOException {
+        if (depth > MAX_CHAIN_DEPTH) {
+            throw FormatException.of(name, "backing chain deeper than " + MAX_CHAIN_DEPTH + " images");
+        }
+        if (!Files.exists(path)) {
+            throw new IOException(name + ": no such file");
+        }
+        if (Files.isDirectory(path)) {
+            throw new IOException(name + ": is a directory");
+        }
+        Path real = path.toRealPath();
+        if (!seen.add(real)) {
+            throw FormatException.of(name, "backing file loop: " + real + " is already in the chain");
+        }
+        FileBlockFile file = FileBlockFile.open(name, path, false,
+                opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
+        try {
+            String format = opts.format();
+            if (format == null) {
+                format = looksLikeQcow2(file) ? "qcow2" : "raw";
+            }
+            return switch (format) {
+                case "raw" -> {
+                    if (opts.snapshotName() != null) {
+                        throw new IOException(name + ": raw images have no snapshots");
+                    }
+                    yield new RawImage(file);
+                }
+                case "qcow2" -> openQcow2(name, file, opts, depth, seen);
+                default -> throw new IOException(name + ": unknown format '" + format + "' (expected raw or qcow2)");
+            };
+        } catch (IOException | RuntimeException e) {
+            file.close();
+            throw e;
+        }
+    }
+
+    /** Reads and validates the header of an open qcow2 file. */
+    public static Header readHeader(BlockFile file) throws IOException {
+        long fsize = file.size();
+        byte[] start = new byte[(int) Math.min(fsize, Header.V3_LENGTH)];
+        file.read(ByteBuffer.wrap(start), 0);
+        int bits = Header.peekClusterBits(file.name(), start);
+        byte[] cluster = new byte[(int) Math.min(fsize, 1L << bits)];
+        file.read(ByteBuffer.wrap(cluster), 0);
+        return Header.decode(file.name(), cluster, fsize);
+    }
+
+    /** Reads {@code count} big-endian 64-bit entries at {@code offset} (bounds already validated). */
+    public static long[] readTable(BlockFile file, long offset, int count) throws IOException {
+        byte[] raw = new byte[count * 8];
+        file.readFully(ByteBuffer.wrap(raw), offset);
+        long[] t = new long[count];
+        for (int i = 0; i < count; i++) {
+            t[i] = Be.u64(raw, i * 8);
+        }
+        return t;
+    }
+
+    /** Reads and validates the snapshot table. */
+    public static List<Snapshot> readSnapshots(BlockFile file, Header h) throws IOException {
+        if (h.nbSnapshots() == 0) {
+            return List.of();
+        }
+        long fsize = file.size();
+        long avail = Math.min(Snapshot.MAX_TABLE_BYTES, fsize - h.snapshotsOffset());
+        // Each entry takes at least 40 bytes: refuse a count that cannot fit before reading anything.
+        if ((long) h.nbSnapshots() * 40 > avail) {
+            throw FormatException.at(file.name(), "qcow2 header nb_snapshots", 60,
+                    "at most " + (avail / 40) + " entries in the " + avail + " bytes after the snapshot table offset",
+                    Integer.toString(h.nbSnapshots()));
+        }
+        byte[] raw = new byte[(int) avail];
+        file.readFully(ByteBuffer.wrap(raw), h.snapshotsOffset());
+        return Snapshot.decodeTable(file.name(), raw, h.snapshotsOffset(), h.nbSnapshots(), h.clusterSize(), fsize,
+                Header.MAX_L1_BYTES / 8);
+    }
+
+    private static BlockDevice openQcow2(String name, FileBlockFile file, OpenOptions opts, int depth, Set<Path> seen)
+            throws IOException {
+        Header h = readHeader(file);
+        List<Snapshot> snaps = readSnapshots(file, h);
+        long l1Offset = h.l1TableOffset();
+        int l1Size = h.l1Size();
+        long size = h.size();
+        if (opts.snapshotName() != null) {
+            Snapshot s = null;
+            for (Snapshot c : snaps) {
+                if (c.name().equals(opts.snapshotName())) {
+                    s = c;
+                }
+            }
+            if (s == null) {
+                throw new IOException(name + ": no snapshot named '" + opts.snapshotName() + "'");
+            }
+            l1Offset = s.l1TableOffset();
+            l1Size = s.l1Size();
+            if (s.diskSize() >= 0) {
+                size = s.diskSize();
+            }
+            long need = new Geometry(h.clusterBits(), h.extendedL2()).l1EntriesFor(size);
+            if (l1Size < need) {
+                throw FormatException.of(name, "snapshot '" + s.name() + "' L1 table has " + l1Size
+                        + " entries, expected at least " + need + " for its disk size " + size);
+            }
+        }
+        long[] l1 = readTable(file, l1Offset, l1Size);
+        BlockFile dataFile = file;
+        BlockDevice backing = null;
+        try {
+            if (h.hasDataFile()) {
+                String df = h.dataFile();
+                if (df == null) {
+                    throw FormatException.of(name, "external data file feature bit set but no data file name extension");
+                }
+                String dfName = combine(name, df);
+                dataFile = FileBlockFile.open(dfName, Path.of(dfName), false,
+                        opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
+            }
+            if (h.backingFile() != null) {
+                String bName = combine(name, h.backingFile());
+                String bFmt = h.backingFormat();
+                if (bFmt != null && !bFmt.equals("raw") && !bFmt.equals("qcow2")) {
+                    throw FormatException.of(name, "backing file format '" + bFmt + "' is not supported (raw or qcow2)");
+                }
+                backing = open(bName, Path.of(bName), new OpenOptions(bFmt, opts.forceShare(), null), depth + 1, seen);
+            }
+            return new Qcow2Image(file, dataFile, h, l1, size, backing, snaps);
+        } catch (IOException | RuntimeException e) {
+            if (backing != null) {
+                backing.close();
+            }
+            if (dataFile != file) {
+                dataFile.close();
+            }
+            throw e;
+        }
+    }
+
+    /** The chain from the top image down, for info --backing-chain. */
+    public static List<BlockDevice> chain(BlockDevice top) {
+        List<BlockDevice> out = new ArrayList<>();
+        for (BlockDevice d = top; d != null; d = d.backing()) {
+            out.add(d);
+        }
+        return out;
+    }
+}

@@ -1,0 +1,356 @@
+package org.qdedup.image;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.util.List;
+import org.qdedup.format.Be;
+import org.qdedup.format.FormatException;
+import org.qdedup.format.Geometry;
+import org.qdedup.format.Header;
+import org.qdedup.format.L2Entry;
+import org.qdedup.format.Snapshot;
+import org.qdedup.format.SubclusterType;
+import org.qdedup.io.BlockFile;
+
+/**
+ * Read side of a qcow2 image: cluster mapping through L1/L2, compressed clusters, subclusters, data files,
+ * fall-through to the backing device. Opened on the active layer or on one internal snapshot.
+ */
+public final class Qcow2Image implements BlockDevice {
+    private final BlockFile file;
+    private final BlockFile dataFile;
+    private final Header header;
+    private final Geometry geo;
+    private final long[] l1;
+    private final long size;
+    private final BlockDevice backing;
+    private final List<Snapshot> snapshots;
+    private final L2Cache l2Cache;
+    private final Refcounts refcounts;
+    private volatile Boolean metadataPreallocated;
+
+    Qcow2Image(BlockFile file, BlockFile dataFile, Header header, long[] l1, long size, BlockDevice backing,
+               List<Snapshot> snapshots) {
+        this.file = file;
+        this.dataFile = dataFile;
+        this.header = header;
+        this.geo = new Geometry(header.clusterBits(), header.extendedL2());
+        this.l1 = l1;
+        this.size = size;
+        this.backing = backing;
+        this.snapshots = snapshots;
+        this.l2Cache = new L2Cache((int) Math.max(16, (32L << 20) / header.clusterSize()));
+        this.refcounts = new Refcounts(file, header);
+    }
+
+    public Header header() {
+        return header;
+    }
+
+    public Geometry geometry() {
+        return geo;
+    }
+
+    public List<Snapshot> snapshots() {
+        return snapshots;
+    }
+
+    public BlockFile dataFile() {
+        return dataFile;
+    }
+
+    public Refcounts refcounts() {
+        return refcounts;
+    }
+
+    @Override
+    public String name() {
+        return file.name();
+    }
+
+    @Override
+    public String format() {
+        return "qcow2";
+    }
+
+    @Override
+    public long size() {
+        return size;
+    }
+
+    @Override
+    public BlockDevice backing() {
+        return backing;
+    }
+
+    @Override
+    public BlockFile file() {
+        return file;
+    }
+
+    @Override
+    public long allocatedBytes() throws IOException {
+        long n = file.allocatedBytes();
+        if (dataFile != file) {
+            n += dataFile.allocatedBytes();
+        }
+        return n;
+    }
+
+    /** A run of guest bytes with one mapping type and, where it applies, contiguous host offsets. */
+    public record Mapping(SubclusterType type, long length, long hostOffset, long l2Entry) {
+    }
+
+    /**
+     * Maps guest bytes from {@code offset} (at most {@code maxLen}, never past one L2 table) as qcow2_get_host_offset
+     * does. A compressed cluster is returned alone.
+     */
+    public Mapping map(long offset, long maxLen) throws IOException {
+        long cs = geo.clusterSize();
+        long sc = geo.subclusterSize();
+        long l2End = (offset / geo.bytesPerL2() + 1) * geo.bytesPerL2();
+        long limit = Math.min(maxLen, l2End - offset);
+        int l1i = geo.l1Index(offset);
+        long l1e = l1i < l1.length ? l1[l1i] : 0;
+        long l2Offset = l1e & L2Entry.L1_OFFSET_MASK;
+        if (l2Offset == 0) {
+            return new Mapping(SubclusterType.UNALLOCATED_PLAIN, limit, 0, 0);
+        }
+        long[] l2 = l2Table(l2Offset, l1i);
+        int idx = geo.l2Index(offset);
+        int step = geo.extendedL2() ? 2 : 1;
+        long entry = l2[idx * step];
+        long bitmap = geo.extendedL2() ? l2[idx * step + 1] : 0;
+        int sci = geo.subclusterIndex(offset);
+        SubclusterType type = classify(entry, bitmap, sci, offset, l2Offset, idx);
+        long inCluster = geo.offsetInCluster(offset);
+        if (type == SubclusterType.COMPRESSED) {
+            return new Mapping(type, Math.min(limit, cs - inCluster), 0, entry);
+        }
+        boolean hasHost = type == SubclusterType.NORMAL || type == SubclusterType.ZERO_ALLOC
+                || type == SubclusterType.UNALLOCATED_ALLOC;
+        long host = hasHost ? L2Entry.hostOffset(entry) + inCluster : 0;
+        // Extend over following subclusters and clusters of the same type (and contiguous host offsets).
+        long len = (sci + 1) * sc - inCluster;
+        long expectNextHost = hasHost ? host + len : 0;
+        int curIdx = idx, curSc = sci + 1;
+        while (len < limit) {
+            if (curSc >= (geo.extendedL2() ? 32 : 1)) {
+                curIdx++;
+                curSc = 0;
+                if (curIdx >= geo.l2Entries()) {
+                    break;
+                }
+                entry = l2[curIdx * step];
+                bitmap = geo.extendedL2() ? l2[curIdx * step + 1] : 0;
+            }
+            long guest = offset - inCluster + (long) (curIdx - idx) * cs + curSc * sc;
+            SubclusterType t = classify(entry, bitmap, curSc, guest, l2Offset, curIdx);
+            if (t != type) {
+                break;
+            }
+            if (hasHost && L2Entry.hostOffset(entry) + curSc * sc != expectNextHost) {
+                break;
+            }
+            len += sc;
+            expectNextHost += sc;
+            curSc++;
+        }
+        return new Mapping(type, Math.min(len, limit), host, entry);
+    }
+
+    private SubclusterType classify(long entry, long bitmap, int sci, long guest, long l2Offset, int idx) throws IOException {
+        SubclusterType t = L2Entry.classify(entry, bitmap, geo.extendedL2(), header.hasDataFile(), sci);
+        long reserved = L2Entry.reservedBits(entry, geo.extendedL2());
+        if (reserved != 0) {
+            throw FormatException.of(name(), String.format("L2 entry at offset %d (L2 table %d, index %d, guest offset %d): "
+                    + "expected reserved bits clear, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(), l2Offset, idx,
+                    geo.clusterStart(guest), reserved));
+        }
+        if (t == SubclusterType.INVALID) {
+            throw FormatException.of(name(), String.format("extended L2 entry at offset %d (guest offset %d): "
+                    + "invalid subcluster bitmap 0x%016x", l2Offset + (long) idx * geo.l2EntrySize(), geo.clusterStart(guest), bitmap));
+        }
+        if (t == SubclusterType.COMPRESSED) {
+            if (header.hasDataFile()) {
+                throw FormatException.of(name(), String.format("L2 entry at offset %d (guest offset %d): "
+                        + "compressed cluster in an image with an external data file", l2Offset + (long) idx * geo.l2EntrySize(),
+                        geo.clusterStart(guest)));
+            }
+            if (geo.extendedL2() && bitmap != 0) {
+                throw FormatException.of(name(), String.format("extended L2 entry at offset %d (guest offset %d): "
+                        + "expected bitmap 0 on a compressed cluster, found 0x%016x", l2Offset + (long) idx * geo.l2EntrySize(),
+                        geo.clusterStart(guest), bitmap));
+            }
+        } else if (header.hasDataFile() && (t == SubclusterType.NORMAL || t == SubclusterType.ZERO_ALLOC
+                || t == SubclusterType.UNALLOCATED_ALLOC) && L2Entry.hostOffset(entry) != geo.clusterStart(guest)) {
+            throw FormatException.of(name(), String.format("L2 entry at offset %d: external data file cluster offset %d "
+                    + "does not match guest cluster offset %d", l2Offset + (long) idx * geo.l2EntrySize(),
+                    L2Entry.hostOffset(entry), geo.clusterStart(guest)));
+        }
+        return t;
+    }
+
+    /** Loads (through the cache) and validates the L2 table an L1 entry names. */
+    private long[] l2Table(long l2Offset, int l1Index) throws IOException {
+        long[] t = l2Cache.get(l2Offset);
+        if (t != null) {
+            return t;
+        }
+        long l1e = l1[l1Index];
+        long l1At = header.l1TableOffset() + 8L * l1Index;
+        if ((l1e & L2Entry.L1_RESERVED) != 0 || (l2Offset & (geo.clusterSize() - 1)) != 0) {
+            throw FormatException.at(name(), "L1 entry " + l1Index, l1At, "reserved bits clear and a cluster-aligned L2 offset",
+                    String.format("0x%016x", l1e));
+        }
+        long fsize = file.size();
+        if (l2Offset > fsize - geo.clusterSize()) {
+            throw FormatException.at(name(), "L1 entry " + l1Index, l1At, "an L2 table inside the file (" + fsize + " bytes)",
+                    "L2 table offset " + l2Offset);
+        }
+        byte[] raw = new byte[(int) geo.clusterSize()];
+        file.readFully(ByteBuffer.wrap(raw), l2Offset);
+        t = new long[raw.length / 8];
+        for (int i = 0; i < t.length; i++) {
+            t[i] = Be.u64(raw, i * 8);
+        }
+        l2Cache.put(l2Offset, t);
+        return t;
+    }
+
+    @Override
+    public void read(ByteBuffer dst, long offset) throws IOException {
+        if (offset < 0 || offset > size || dst.remaining() > size - offset) {
+            throw new IOException(name() + ": read of " + dst.remaining() + " bytes at " + offset + " past the virtual size " + size);
+        }
+        long pos = offset;
+        while (dst.hasRemaining()) {
+            Mapping m = map(pos, dst.remaining());
+            int n = (int) m.length();
+            ByteBuffer part = dst.slice(dst.position(), n);
+            switch (m.type()) {
+                case NORMAL -> dataFile.readFully(part, m.hostOffset());
+                case ZERO_PLAIN, ZERO_ALLOC -> zero(part);
+                case UNALLOCATED_PLAIN, UNALLOCATED_ALLOC -> readBacking(part, pos);
+                case COMPRESSED -> readCompressed(part, pos, m.l2Entry());
+                default -> throw new IllegalStateException(m.type().toString());
+            }
+            dst.position(dst.position() + n);
+            pos += n;
+        }
+    }
+
+    private void readBacking(ByteBuffer part, long pos) throws IOException {
+        if (backing == null || pos >= backing.size()) {
+            zero(part);
+            return;
+        }
+        long avail = backing.size() - pos;
+        if (avail >= part.remaining()) {
+            backing.read(part, pos);
+        } else {
+            backing.read(part.slice(0, (int) avail), pos);
+            zero(part.slice((int) avail, part.remaining() - (int) avail));
+        }
+    }
+
+    private void readCompressed(ByteBuffer part, long pos, long entry) throws IOException {
+        long coff = L2Entry.compressedOffset(entry, geo.clusterBits());
+        int clen = L2Entry.compressedLength(entry, geo.clusterBits());
+        long fsize = file.size();
+        if (coff >= fsize) {
+            throw FormatException.at(name(), "compressed cluster descriptor (guest offset " + geo.clusterStart(pos) + ")",
+                    coff, "compressed data inside the file (" + fsize + " bytes)", "host offset " + coff);
+        }
+        byte[] src = new byte[clen];
+        file.readFully(ByteBuffer.wrap(src), coff);
+        byte[] out = new byte[(int) geo.clusterSize()];
+        String err = Compression.decompress(header.compressionType(), src, clen, out);
+        if (err != null) {
+            throw FormatException.of(name(), "compressed cluster at host offset " + coff + " (guest offset "
+                    + geo.clusterStart(pos) + "): " + err);
+        }
+        part.put(part.position(), out, (int) geo.offsetInCluster(pos), part.remaining());
+    }
+
+    private static void zero(ByteBuffer b) {
+        if (b.hasArray()) {
+            java.util.Arrays.fill(b.array(), b.arrayOffset() + b.position(), b.arrayOffset() + b.limit(), (byte) 0);
+        } else {
+            for (int i = b.position(); i < b.limit(); i++) {
+                b.put(i, (byte) 0);
+            }
+        }
+    }
+
+    @Override
+    public LayerStatus status(long offset, long length) throws IOException {
+        Mapping m = map(offset, length);
+        int flags = 0;
+        long host = 0;
+        BlockFile f = null;
+        switch (m.type()) {
+            case NORMAL -> {
+                flags = LayerStatus.DATA | LayerStatus.OFFSET_VALID;
+                host = m.hostOffset();
+                f = dataFile;
+            }
+            case ZERO_ALLOC -> {
+                flags = LayerStatus.ZERO | LayerStatus.OFFSET_VALID;
+                host = m.hostOffset();
+                f = dataFile;
+            }
+            case UNALLOCATED_ALLOC -> {
+                flags = LayerStatus.OFFSET_VALID;
+                host = m.hostOffset();
+                f = dataFile;
+            }
+            case ZERO_PLAIN -> flags = LayerStatus.ZERO;
+            case COMPRESSED -> flags = LayerStatus.DATA;
+            default -> flags = 0;
+        }
+        if ((flags & LayerStatus.DATA) != 0 && (flags & LayerStatus.OFFSET_VALID) != 0 && metadataPreallocated()) {
+            flags |= LayerStatus.RECURSE;
+        }
+        return new LayerStatus(m.length(), flags, host, f);
+    }
+
+    /**
+     * QEMU's heuristic (qcow2_detect_metadata_preallocation): far more clusters have a refcount than the host
+     * file has allocated, so data clusters may be holes and block status asks the file.
+     */
+    private boolean metadataPreallocated() throws IOException {
+        Boolean b = metadataPreallocated;
+        if (b == null) {
+            long realClusters = file.allocatedBytes() / header.clusterSize();
+            long threshold = Math.max(realClusters * 10 / 9, realClusters + 2);
+            long endCluster = (file.size() + header.clusterSize() - 1) / header.clusterSize();
+            long count = 0;
+            for (long i = 0; i < endCluster && count < threshold; i++) {
+                if (refcounts.get(i) != 0) {
+                    count++;
+                }
+            }
+            b = count >= threshold;
+            metadataPreallocated = b;
+        }
+        return b;
+    }
+
+    @Override
+    public void close() throws IOException {
+        try {
+            if (backing != null) {
+                backing.close();
+            }
+        } finally {
+            try {
+                if (dataFile != file) {
+                    dataFile.close();
+                }
+            } finally {
+                file.close();
+            }
+        }
+    }
+}

@@ -1,0 +1,56 @@
+package org.qdedup.io;
+
+import java.io.Closeable;
+import java.io.IOException;
+import java.nio.ByteBuffer;
+
+/**
+ * The file layer: positional reads and writes on one host file, format-blind.
+ * Implementations: {@link FileBlockFile} (a real file), {@link MemoryBlockFile} (tests).
+ */
+public interface BlockFile extends Closeable {
+    /** A name for messages: the path as the user gave it. */
+    String name();
+
+    long size() throws IOException;
+
+    /**
+     * Reads {@code dst.remaining()} bytes at {@code pos}, or fewer at end of file.
+     *
+     * @return bytes read; less than asked only at end of file
+     */
+    int read(ByteBuffer dst, long pos) throws IOException;
+
+    /** Writes all of {@code src} at {@code pos}. */
+    void write(ByteBuffer src, long pos) throws IOException;
+
+    void flush() throws IOException;
+
+    void truncate(long size) throws IOException;
+
+    /** Start of the first data extent at or after {@code pos}, or -1 if none (SEEK_DATA); all data by default. */
+    default long nextData(long pos) throws IOException {
+        return pos < size() ? pos : -1;
+    }
+
+    /** Start of the first hole at or after {@code pos} (SEEK_HOLE); the end of the file counts as a hole. */
+    default long nextHole(long pos) throws IOException {
+        return Math.max(pos, size());
+    }
+
+    /** Bytes the host file system has allocated for the file (st_blocks * 512). */
+    default long allocatedBytes() throws IOException {
+        return size();
+    }
+
+    /** Reads exactly {@code dst.remaining()} bytes, filling with zeros past end of file. */
+    default void readFully(ByteBuffer dst, long pos) throws IOException {
+        int want = dst.remaining();
+        int got = read(dst, pos);
+        if (got < want) {
+            while (dst.hasRemaining()) {
+                dst.put((byte) 0);
+            }
+        }
+    }
+}

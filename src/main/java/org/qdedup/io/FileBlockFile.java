@@ -1,0 +1,161 @@
+package org.qdedup.io;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.nio.channels.FileChannel;
+import java.nio.file.NoSuchFileException;
+import java.nio.file.AccessDeniedException;
+import java.nio.file.OpenOption;
+import java.nio.file.Path;
+import java.nio.file.StandardOpenOption;
+
+/** A real host file: FileChannel for I/O, a native descriptor for extents, allocation and the QEMU-compatible lock. */
+public final class FileBlockFile implements BlockFile {
+    /** How an open treats the image lock. */
+    public enum Lock { NONE, SHARED, EXCLUSIVE }
+
+    private final String name;
+    private final Path path;
+    private final FileChannel channel;
+    private final NativeFs.Fd fd;
+    private final boolean writable;
+
+    private FileBlockFile(String name, Path path, FileChannel channel, NativeFs.Fd fd, boolean writable) {
+        this.name = name;
+        this.path = path;
+        this.channel = channel;
+        this.fd = fd;
+        this.writable = writable;
+    }
+
+    /**
+     * Opens an existing file.
+     *
+     * @param name what messages call it (the path as the user wrote it)
+     * @param lock NONE for {@code -U}; SHARED for read-only opens; EXCLUSIVE for writers
+     */
+    public static FileBlockFile open(String name, Path path, boolean writable, Lock lock) throws IOException {
+        return open(name, path, writable, lock, false);
+    }
+
+    /** Opens, or with {@code create} creates (truncating), a file. */
+    public static FileBlockFile open(String name, Path path, boolean writable, Lock lock, boolean create) throws IOException {
+        OpenOption[] opts = writable
+                ? (create ? new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE, StandardOpenOption.CREATE,
+                StandardOpenOption.TRUNCATE_EXISTING} : new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE})
+                : new OpenOption[]{StandardOpenOption.READ};
+        FileChannel ch;
+        try {
+            ch = FileChannel.open(path, opts);
+        } catch (NoSuchFileException e) {
+            throw new IOException(name + ": no such file");
+        } catch (AccessDeniedException e) {
+            throw new IOException(name + ": permission denied");
+        }
+        NativeFs.Fd fd = null;
+        try {
+            fd = NativeFs.open(path, writable);
+            if (fd != null && lock != Lock.NONE && !fd.lock(lock == Lock.EXCLUSIVE ? 2 : 1)) {
+                throw new IOException(name + ": image is locked by another process (" + (lock == Lock.EXCLUSIVE
+                        ? "cannot get the exclusive write lock" : "cannot get a shared read lock: it is open for writing")
+                        + "); use -U to read it anyway");
+            }
+            return new FileBlockFile(name, path, ch, fd, writable);
+        } catch (IOException | RuntimeException e) {
+            if (fd != null) {
+                fd.close();
+            }
+            ch.close();
+            throw e;
+        }
+    }
+
+    public Path path() {
+        return path;
+    }
+
+    @Override
+    public String name() {
+        return name;
+    }
+
+    @Override
+    public long size() throws IOException {
+        return channel.size();
+    }
+
+    @Override
+    public int read(ByteBuffer dst, long pos) throws IOException {
+        int total = 0;
+        while (dst.hasRemaining()) {
+            int n = channel.read(dst, pos + total);
+            if (n < 0) {
+                break;
+            }
+            total += n;
+        }
+        return total;
+    }
+
+    @Override
+    public void write(ByteBuffer src, long pos) throws IOException {
+        long p = pos;
+        while (src.hasRemaining()) {
+            p += channel.write(src, p);
+        }
+    }
+
+    @Override
+    public void flush() throws IOException {
+        channel.force(true);
+    }
+
+    @Override
+    public void truncate(long newSize) throws IOException {
+        long cur = channel.size();
+        if (newSize < cur) {
+            channel.truncate(newSize);
+        } else if (newSize > cur) {
+            // FileChannel cannot grow a file by truncate: write one byte at the end, keeping it sparse.
+            channel.write(ByteBuffer.allocate(1), newSize - 1);
+        }
+    }
+
+    @Override
+    public long nextData(long pos) throws IOException {
+        if (fd == null) {
+            return BlockFile.super.nextData(pos);
+        }
+        return fd.seekData(pos);
+    }
+
+    @Override
+    public long nextHole(long pos) throws IOException {
+        if (fd == null) {
+            return BlockFile.super.nextHole(pos);
+        }
+        long h = fd.seekHole(pos);
+        return h < 0 ? Math.max(pos, size()) : h;
+    }
+
+    @Override
+    public long allocatedBytes() throws IOException {
+        return fd == null ? size() : fd.allocatedBytes();
+    }
+
+    /** Gives a range back to the host file system; false when it cannot. */
+    public boolean punchHole(long offset, long length) throws IOException {
+        return writable && fd != null && fd.punchHole(offset, length);
+    }
+
+    @Override
+    public void close() throws IOException {
+        try {
+            channel.close();
+        } finally {
+            if (fd != null) {
+                fd.close();
+            }
+        }
+    }
+}
