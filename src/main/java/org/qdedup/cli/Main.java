@@ -1,2 +1,88 @@
 package org.qdedup.cli;
-public class Main { public static void main(String[] a){ System.out.println("hi"); } }
+
+import java.io.IOException;
+import java.io.PrintStream;
+import java.io.PrintWriter;
+import java.io.UncheckedIOException;
+import picocli.CommandLine;
+import picocli.CommandLine.Command;
+
+/** The qdedup command line: a thin layer over the library, qemu-img's names, flags, keys and exit codes. */
+@Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
+        description = "QCOW2 images with online deduplication.",
+        subcommands = {InfoCommand.class, MapCommand.class, CompareCommand.class, ConvertCommand.class,
+                SnapshotCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
+public final class Main implements Runnable {
+    @CommandLine.Spec
+    CommandLine.Model.CommandSpec spec;
+
+    @Override
+    public void run() {
+        throw new CommandLine.ParameterException(spec.commandLine(), "a command is required (see qdedup --help)");
+    }
+
+    public static void main(String[] args) {
+        int rc = run(args, System.out, System.err);
+        System.out.flush();
+        System.exit(rc);
+    }
+
+    /** Runs one command line with the given streams and returns its exit code; never calls System.exit. */
+    public static int run(String[] args, PrintStream out, PrintStream err) {
+        CommandLine cl = new CommandLine(new Main());
+        PrintWriter ow = new PrintWriter(out, true);
+        PrintWriter ew = new PrintWriter(err, true);
+        cl.setOut(ow);
+        cl.setErr(ew);
+        cl.setCaseInsensitiveEnumValuesAllowed(true);
+        cl.setParameterExceptionHandler((ex, a) -> {
+            ew.println("qdedup: " + ex.getMessage());
+            ew.flush();
+            return 1;
+        });
+        cl.setExecutionExceptionHandler((ex, c, parsed) -> {
+            ew.println("qdedup: " + describe(ex));
+            ew.flush();
+            if (System.getenv("QDEDUP_DEBUG") != null) {
+                ex.printStackTrace(err);
+            }
+            return ex instanceof CliException ce ? ce.exitCode : 1;
+        });
+        Context.set(out, err);
+        try {
+            int rc = cl.execute(args);
+            ow.flush();
+            ew.flush();
+            return rc;
+        } finally {
+            out.flush();
+            err.flush();
+            Context.clear();
+        }
+    }
+
+    /** One line for an error: our own messages already name the file; others get their type. */
+    static String describe(Throwable ex) {
+        Throwable t = ex;
+        if (t instanceof UncheckedIOException u) {
+            t = u.getCause();
+        }
+        if (t instanceof IOException || t instanceof IllegalArgumentException || t instanceof CliException) {
+            String m = t.getMessage();
+            return m == null ? t.getClass().getSimpleName() : m;
+        }
+        if (t instanceof OutOfMemoryError) {
+            return "out of memory (raise the heap with QDEDUP_JAVA_OPTS=-Xmx...)";
+        }
+        return "internal error: " + t;
+    }
+
+    /** Version from the jar manifest. */
+    static final class Version implements CommandLine.IVersionProvider {
+        @Override
+        public String[] getVersion() {
+            String v = Main.class.getPackage().getImplementationVersion();
+            return new String[]{"qdedup " + (v == null ? "dev" : v)};
+        }
+    }
+}

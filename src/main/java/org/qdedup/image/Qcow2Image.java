@@ -90,11 +90,8 @@ public final class Qcow2Image implements BlockDevice {
 
     @Override
     public long allocatedBytes() throws IOException {
-        long n = file.allocatedBytes();
-        if (dataFile != file) {
-            n += dataFile.allocatedBytes();
-        }
-        return n;
+        // qemu-img 7.2 counts the image file alone, not an external data file.
+        return file.allocatedBytes();
     }
 
     /** A run of guest bytes with one mapping type and, where it applies, contiguous host offsets. */

@@ -1,0 +1,102 @@
+package org.qdedup.cli;
+
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.concurrent.Callable;
+import org.qdedup.image.BlockDevice;
+import org.qdedup.image.Images;
+import org.qdedup.image.OpenOptions;
+import org.qdedup.io.FileBlockFile;
+import org.qdedup.ops.Progress;
+import org.qdedup.ops.RawConverter;
+import picocli.CommandLine.Command;
+import picocli.CommandLine.Option;
+import picocli.CommandLine.Parameters;
+
+@Command(name = "convert", description = "Copy an image into a new one (as qemu-img convert).")
+final class ConvertCommand implements Callable<Integer> {
+    @Option(names = "-f", paramLabel = "FMT", description = "Source format; probed when omitted.")
+    String format;
+    @Option(names = "-O", paramLabel = "FMT", defaultValue = "raw", description = "Output format: raw (default) or qcow2.")
+    String outFormat;
+    @Option(names = "-o", paramLabel = "OPTS", description = "Output format options (qcow2).")
+    String options;
+    @Option(names = "-c", description = "Compress the output (qcow2).")
+    boolean compress;
+    @Option(names = "-p", description = "Show progress on stderr.")
+    boolean progress;
+    @Option(names = "-n", description = "Write into an existing target instead of creating it.")
+    boolean noCreate;
+    @Option(names = "-t", paramLabel = "CACHE", description = "Target cache mode: unsafe (default, no final flush), "
+            + "writeback, writethrough, none, directsync.")
+    String cache = "unsafe";
+    @Option(names = "-l", paramLabel = "snapshot.name=NAME", description = "Convert an internal snapshot of the source.")
+    String snapshot;
+    @Option(names = {"-U", "--force-share"}, description = "Open the source without taking its lock.")
+    boolean forceShare;
+    @Option(names = "--dedup", description = "Deduplicate the output (qcow2).")
+    boolean dedup;
+    @Parameters(index = "0", paramLabel = "SRC")
+    String src;
+    @Parameters(index = "1", paramLabel = "DST")
+    String dst;
+
+    @Override
+    public Integer call() throws Exception {
+        if (noCreate && options != null) {
+            throw new CliException("-o cannot be used with -n: the target exists and keeps its options");
+        }
+        String snapName = null;
+        if (snapshot != null) {
+            if (snapshot.startsWith("snapshot.name=")) {
+                snapName = snapshot.substring("snapshot.name=".length());
+            } else if (snapshot.startsWith("snapshot.id=") || snapshot.contains("=")) {
+                throw new CliException("-l supports snapshot.name=NAME only, not '" + snapshot + "'");
+            } else {
+                snapName = snapshot;
+            }
+        }
+        switch (cache) {
+            case "unsafe", "writeback", "writethrough", "none", "directsync" -> { }
+            default -> throw new CliException("invalid cache mode '" + cache + "'");
+        }
+        if (!outFormat.equals("raw")) {
+            if (outFormat.equals("qcow2")) {
+                throw new CliException(dst + ": qcow2 output is not supported yet (the writer is the next milestone); use -O raw");
+            }
+            throw new CliException("unknown output format '" + outFormat + "' (expected raw or qcow2)");
+        }
+        if (compress) {
+            throw new CliException("-c: compression is not supported for the raw output format");
+        }
+        if (dedup) {
+            throw new CliException("--dedup needs qcow2 output");
+        }
+        try (BlockDevice source = Images.open(src, new OpenOptions(format, forceShare, snapName))) {
+            Path dp = Path.of(dst);
+            if (Files.exists(dp) && Files.isSameFile(dp, Path.of(src))) {
+                throw new CliException(dst + ": target is the source image");
+            }
+            boolean fresh = !noCreate;
+            try (FileBlockFile target = FileBlockFile.open(dst, dp, true, FileBlockFile.Lock.EXCLUSIVE, !noCreate)) {
+                if (noCreate) {
+                    if (target.size() < source.size()) {
+                        throw new CliException(dst + ": target is smaller (" + target.size() + " bytes) than the source ("
+                                + source.size() + " bytes)");
+                    }
+                } else {
+                    target.truncate(source.size());
+                }
+                Progress p = progress ? new Progress(Context.err(), source.size()) : Progress.none();
+                RawConverter.copy(source, target, fresh, p);
+                if (!cache.equals("unsafe")) {
+                    target.flush();
+                }
+                if (progress) {
+                    p.finish();
+                }
+            }
+        }
+        return 0;
+    }
+}
