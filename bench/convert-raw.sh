@@ -10,7 +10,9 @@
 #   IMAGES     which images, space separated, from: c64k c4k z64k (default all three)
 #   SEED       layout seed of the generated source (default 42)
 #   QEMU_IMG   qemu-img binary (default qemu-img)
-#   QDEDUP     qdedup launcher (default <repo>/bin/qdedup)
+#   QDEDUP     qdedup launcher (default: a frozen copy of <repo>/bin/qdedup and its jar, see SNAPSHOT)
+#   SNAPSHOT   1 (default): time a copy of bin/ + target/qdedup.jar made after the build, so edits
+#              under src/ during the runs cannot rebuild or replace the jar mid-benchmark; 0: bin/qdedup
 set -euo pipefail
 
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
@@ -20,6 +22,7 @@ SIZE_MB=${SIZE_MB:-1024}
 IMAGES=${IMAGES:-"c64k c4k z64k"}
 SEED=${SEED:-42}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
+QDEDUP_SET=${QDEDUP:-}
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
 
 die() { echo "convert-raw: $*" >&2; exit 1; }
@@ -136,6 +139,27 @@ for id in $IMAGES; do img_desc "$id" >/dev/null; make_img "$id"; done
 log "building qdedup (bin/qdedup --version)"
 "$QDEDUP" --version >/dev/null || die "bin/qdedup --version failed"
 
+# Freeze the build: run the same launcher from a copy holding only bin/, pom.xml and the jar, so an edit
+# under src/ during the benchmark can neither trigger a rebuild inside a timed run nor swap the jar.
+if [ "${SNAPSHOT:-1}" = 1 ] && [ -z "${QDEDUP_SET:-}" ]; then
+  snap="$BENCH_DIR/snapshot"
+  rm -rf "$snap"; mkdir -p "$snap/target"
+  cp -p "$root/pom.xml" "$snap/"; cp -pr "$root/bin" "$snap/"
+  cp -p "$root/target/qdedup.jar" "$snap/target/"
+  touch -r "$root/target/qdedup.jar" "$snap/target/qdedup.jar"
+  QDEDUP="$snap/bin/qdedup"
+  "$QDEDUP" --version >/dev/null || die "snapshot launcher $QDEDUP failed"
+  log "timing a frozen copy of the jar: $QDEDUP ($(stat -c %y "$snap/target/qdedup.jar" | cut -d. -f1))"
+fi
+
+load_warn() {
+  local l; l=$(cut -d' ' -f1 /proc/loadavg)
+  if python3 -c "import sys; sys.exit(0 if float(sys.argv[1]) >= 0.7 else 1)" "$l"; then
+    log "WARNING: load average $l $1: something else is using the CPU, timings will be noisy"
+  fi
+}
+load_warn "before the runs"
+
 cold=1
 sync
 if ! { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; then
@@ -192,6 +216,7 @@ for id in $IMAGES; do
   echo "$(img_desc "$id")|${qs[*]}|${ds[*]}" >>"$results"
 done
 
+load_warn "after the runs"
 python3 - "$results" "$cold" "$RUNS" "$SIZE_MB" <<'PY'
 import statistics, sys
 path, cold, runs, size = sys.argv[1], sys.argv[2] == '1', sys.argv[3], sys.argv[4]

@@ -134,15 +134,15 @@ final class InfoCommand implements Callable<Integer> {
         if (d instanceof Qcow2Image q) {
             Header h = q.header();
             out.println("cluster_size: " + h.clusterSize());
+            if (h.dirty()) {
+                out.println("cleanly shut down: no");
+            }
             if (h.backingFile() != null) {
                 String full = Images.combine(d.name(), h.backingFile());
                 out.println("backing file: " + h.backingFile() + (full.equals(h.backingFile()) ? "" : " (actual path: " + full + ")"));
                 if (h.backingFormat() != null) {
                     out.println("backing file format: " + h.backingFormat());
                 }
-            }
-            if (h.dirty()) {
-                out.println("dirty flag: yes");
             }
             if (!q.snapshots().isEmpty()) {
                 out.println("Snapshot list:");

@@ -47,13 +47,17 @@ final class MapCommand implements Callable<Integer> {
                     continue;
                 }
                 if (cur != null) {
-                    emit(sb, cur, json, first);
+                    if (!emit(sb, cur, json, first)) {
+                        out.print(sb);
+                        throw new CliException("File contains external, encrypted or compressed clusters.");
+                    }
                     first = false;
                 }
                 cur = next;
             }
-            if (cur != null) {
-                emit(sb, cur, json, first);
+            if (cur != null && !emit(sb, cur, json, first)) {
+                out.print(sb);
+                throw new CliException("File contains external, encrypted or compressed clusters.");
             }
             if (json) {
                 sb.append("]\n");
@@ -63,7 +67,8 @@ final class MapCommand implements Callable<Integer> {
         return 0;
     }
 
-    private static void emit(StringBuilder sb, ChainStatus.Entry e, boolean json, boolean first) {
+    /** Appends one record; false where the human format cannot show it (data without a host offset). */
+    private static boolean emit(StringBuilder sb, ChainStatus.Entry e, boolean json, boolean first) {
         if (json) {
             if (!first) {
                 sb.append(",\n");
@@ -75,10 +80,13 @@ final class MapCommand implements Callable<Integer> {
                 sb.append(", \"offset\": ").append(e.offset());
             }
             sb.append('}');
-        } else if (e.data() && e.hasOffset()) {
+        } else if (e.data() && !e.hasOffset()) {
+            return false;
+        } else if (e.data() && !e.zero()) {
             sb.append(String.format("%-16s%-16s%-16s%s%n", hex(e.start()), hex(e.length()), hex(e.offset()),
                     ((BlockFile) e.file()).name()));
         }
+        return true;
     }
 
     /** C's "%#x": 0 stays "0". */

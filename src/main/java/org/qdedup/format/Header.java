@@ -47,6 +47,24 @@ public record Header(
     public static final int COMPRESSION_ZLIB = 0;
     public static final int COMPRESSION_ZSTD = 1;
 
+    public Header withRefcountTable(long offset, int clusters) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                offset, clusters, nbSnapshots, snapshotsOffset, incompatibleFeatures, compatibleFeatures, autoclearFeatures,
+                refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
+    }
+
+    public Header withAutoclear(long bits) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, bits, refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
+    }
+
+    public Header withIncompatible(long bits) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, bits, compatibleFeatures,
+                autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
+    }
+
     public long clusterSize() {
         return 1L << clusterBits;
     }

@@ -25,7 +25,7 @@ final class FileStatus {
             n = bytes;
         } else if (data == offset) {
             long hole = file.nextHole(offset);
-            n = ((hole - offset) + 511) & ~511L;
+            n = hole - offset; // request_alignment is 1 for buffered I/O: no rounding
             flags = LayerStatus.DATA;
         } else {
             n = data - offset;

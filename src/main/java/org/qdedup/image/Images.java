@@ -26,7 +26,30 @@ public final class Images {
 
     /** Opens an image and its whole backing chain for reading. */
     public static BlockDevice open(String name, OpenOptions opts) throws IOException {
-        return open(name, Path.of(name), opts, 0, new HashSet<>());
+        return open(name, Path.of(name), opts, 0, new HashSet<>(), false);
+    }
+
+    /**
+     * Opens a qcow2 image for reading and writing (exclusive lock, QEMU-compatible); its backing chain is opened
+     * read-only.
+     */
+    public static Qcow2Image openWritable(String name, OpenOptions opts) throws IOException {
+        if (opts.snapshotName() != null) {
+            throw new IOException(name + ": a snapshot cannot be opened for writing");
+        }
+        BlockDevice d = open(name, Path.of(name), opts.withFormat(opts.format() == null ? null : opts.format()), 0,
+                new HashSet<>(), true);
+        if (!(d instanceof Qcow2Image q)) {
+            d.close();
+            throw new IOException(name + ": only qcow2 images can be opened for writing here (found " + d.format() + ")");
+        }
+        if (q.header().dirty()) {
+            q.close();
+            throw new IOException(name + ": image has the dirty bit set (lazy refcounts after a crash); repair it "
+                    + "with 'qdedup check -r all' first");
+        }
+        q.writer(new Qcow2Writer(q));
+        return q;
     }
 
     /**
@@ -47,7 +70,8 @@ public final class Images {
         return n == 4 && (int) Be.u32(magic, 0) == Header.MAGIC;
     }
 
-    private static BlockDevice open(String name, Path path, OpenOptions opts, int depth, Set<Path> seen) throws IOException {
+    private static BlockDevice open(String name, Path path, OpenOptions opts, int depth, Set<Path> seen, boolean writable)
+            throws IOException {
         if (depth > MAX_CHAIN_DEPTH) {
             throw FormatException.of(name, "backing chain deeper than " + MAX_CHAIN_DEPTH + " images");
         }
@@ -61,8 +85,8 @@ public final class Images {
         if (!seen.add(real)) {
             throw FormatException.of(name, "backing file loop: " + real + " is already in the chain");
         }
-        FileBlockFile file = FileBlockFile.open(name, path, false,
-                opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
+        FileBlockFile file = FileBlockFile.open(name, path, writable, writable ? FileBlockFile.Lock.EXCLUSIVE
+                : opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
         try {
             String format = opts.format();
             if (format == null) {
@@ -75,7 +99,7 @@ public final class Images {
                     }
                     yield new RawImage(file);
                 }
-                case "qcow2" -> openQcow2(name, file, opts, depth, seen);
+                case "qcow2" -> openQcow2(name, file, opts, depth, seen, writable);
                 default -> throw new IOException(name + ": unknown format '" + format + "' (expected raw or qcow2)");
             };
         } catch (IOException | RuntimeException e) {
@@ -119,14 +143,48 @@ public final class Images {
                     "at most " + (avail / 40) + " entries in the " + avail + " bytes after the snapshot table offset",
                     Integer.toString(h.nbSnapshots()));
         }
-        byte[] raw = new byte[(int) avail];
-        file.readFully(ByteBuffer.wrap(raw), h.snapshotsOffset());
+        // Read what the entries need, not all of the (up to 64 MiB) space after the offset: start small and grow.
+        int len = (int) Math.min(avail, Math.max(64L << 10, h.nbSnapshots() * 128L));
+        byte[] raw;
+        for (;;) {
+            raw = new byte[len];
+            file.readFully(ByteBuffer.wrap(raw), h.snapshotsOffset());
+            long need = snapshotTableBytes(raw, h.nbSnapshots());
+            if (need <= len || len == avail) {
+                break;
+            }
+            len = (int) Math.min(avail, Math.max(need, 2L * len));
+        }
         return Snapshot.decodeTable(file.name(), raw, h.snapshotsOffset(), h.nbSnapshots(), h.clusterSize(), fsize,
                 Header.MAX_L1_BYTES / 8);
     }
 
-    private static BlockDevice openQcow2(String name, FileBlockFile file, OpenOptions opts, int depth, Set<Path> seen)
-            throws IOException {
+    /**
+     * Bytes the first {@code count} snapshot entries take, as far as {@code raw} shows: its length or less when they
+     * fit (or an entry is bad, which decoding reports), else a lower bound on the bytes needed.
+     */
+    private static long snapshotTableBytes(byte[] raw, int count) {
+        long pos = 0;
+        for (int i = 0; i < count; i++) {
+            if (pos + 40 > raw.length) {
+                return pos + 40;
+            }
+            int p = (int) pos;
+            long extra = Be.u32(raw, p + 36);
+            if (extra > 1024) {
+                return pos;
+            }
+            long end = pos + 40 + extra + Be.u16(raw, p + 12) + Be.u16(raw, p + 14);
+            if (end > raw.length) {
+                return end;
+            }
+            pos = (end + 7) & ~7L;
+        }
+        return Math.min(pos, raw.length);
+    }
+
+    private static BlockDevice openQcow2(String name, FileBlockFile file, OpenOptions opts, int depth, Set<Path> seen,
+                                         boolean writable) throws IOException {
         Header h = readHeader(file);
         List<Snapshot> snaps = readSnapshots(file, h);
         long l1Offset = h.l1TableOffset();
@@ -163,8 +221,8 @@ public final class Images {
                     throw FormatException.of(name, "external data file feature bit set but no data file name extension");
                 }
                 String dfName = combine(name, df);
-                dataFile = FileBlockFile.open(dfName, Path.of(dfName), false,
-                        opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
+                dataFile = FileBlockFile.open(dfName, Path.of(dfName), writable, writable ? FileBlockFile.Lock.EXCLUSIVE
+                        : opts.forceShare() ? FileBlockFile.Lock.NONE : FileBlockFile.Lock.SHARED);
             }
             if (h.backingFile() != null) {
                 String bName = combine(name, h.backingFile());
@@ -172,9 +230,14 @@ public final class Images {
                 if (bFmt != null && !bFmt.equals("raw") && !bFmt.equals("qcow2")) {
                     throw FormatException.of(name, "backing file format '" + bFmt + "' is not supported (raw or qcow2)");
                 }
-                backing = open(bName, Path.of(bName), new OpenOptions(bFmt, opts.forceShare(), null), depth + 1, seen);
+                if (depth >= MAX_CHAIN_DEPTH) {
+                    throw FormatException.at(name, "backing file name", h.backingFileOffset(),
+                            "a backing chain of at most " + MAX_CHAIN_DEPTH + " images below the top one",
+                            "'" + h.backingFile() + "' at depth " + (depth + 1));
+                }
+                backing = open(bName, Path.of(bName), new OpenOptions(bFmt, opts.forceShare(), null), depth + 1, seen, false);
             }
-            return new Qcow2Image(file, dataFile, h, l1, size, backing, snaps);
+            return new Qcow2Image(file, dataFile, h, l1Offset, l1, size, backing, snaps);
         } catch (IOException | RuntimeException e) {
             if (backing != null) {
                 backing.close();

@@ -16,20 +16,29 @@ import org.qdedup.io.BlockFile;
  * Read side of a qcow2 image: cluster mapping through L1/L2, compressed clusters, subclusters, data files,
  * fall-through to the backing device. Opened on the active layer or on one internal snapshot.
  */
-public final class Qcow2Image implements BlockDevice {
+public final class Qcow2Image implements WritableDevice {
     private final BlockFile file;
     private final BlockFile dataFile;
-    private final Header header;
+    private volatile Header header;
     private final Geometry geo;
-    private final long[] l1;
-    private final long size;
+    final long[] l1;
+    private volatile long size;
     private final BlockDevice backing;
     private final List<Snapshot> snapshots;
-    private final L2Cache l2Cache;
+    final L2Cache l2Cache;
+    /** Metadata lock: L1, L2 tables, refcounts and the header change only under it. */
+    final java.util.concurrent.locks.ReentrantLock meta = new java.util.concurrent.locks.ReentrantLock();
+    /**
+     * Held shared by every guest I/O from mapping to the end of its data transfer, and exclusively while freed
+     * clusters become reusable, so no in-flight read or write lands on a cluster handed to someone else.
+     */
+    final java.util.concurrent.locks.ReentrantReadWriteLock ioGate = new java.util.concurrent.locks.ReentrantReadWriteLock();
+    private Qcow2Writer writer;
     private final Refcounts refcounts;
+    private final long l1Offset;
     private volatile Boolean metadataPreallocated;
 
-    Qcow2Image(BlockFile file, BlockFile dataFile, Header header, long[] l1, long size, BlockDevice backing,
+    Qcow2Image(BlockFile file, BlockFile dataFile, Header header, long l1Offset, long[] l1, long size, BlockDevice backing,
                List<Snapshot> snapshots) {
         this.file = file;
         this.dataFile = dataFile;
@@ -41,10 +50,33 @@ public final class Qcow2Image implements BlockDevice {
         this.snapshots = snapshots;
         this.l2Cache = new L2Cache((int) Math.max(16, (32L << 20) / header.clusterSize()));
         this.refcounts = new Refcounts(file, header);
+        this.l1Offset = l1Offset;
     }
 
     public Header header() {
         return header;
+    }
+
+    void header(Header h) {
+        this.header = h;
+    }
+
+    void size(long s) {
+        this.size = s;
+    }
+
+    /** Host offset of the L1 table this device reads (the active one, or a snapshot's). */
+    long l1Offset() {
+        return l1Offset;
+    }
+
+    /** The writer, when the image was opened read-write (else null). */
+    public Qcow2Writer writer() {
+        return writer;
+    }
+
+    void writer(Qcow2Writer w) {
+        this.writer = w;
     }
 
     public Geometry geometry() {
@@ -189,13 +221,13 @@ public final class Qcow2Image implements BlockDevice {
     }
 
     /** Loads (through the cache) and validates the L2 table an L1 entry names. */
-    private long[] l2Table(long l2Offset, int l1Index) throws IOException {
+    long[] l2Table(long l2Offset, int l1Index) throws IOException {
         long[] t = l2Cache.get(l2Offset);
         if (t != null) {
             return t;
         }
         long l1e = l1[l1Index];
-        long l1At = header.l1TableOffset() + 8L * l1Index;
+        long l1At = l1Offset + 8L * l1Index;
         if ((l1e & L2Entry.L1_RESERVED) != 0 || (l2Offset & (geo.clusterSize() - 1)) != 0) {
             throw FormatException.at(name(), "L1 entry " + l1Index, l1At, "reserved bits clear and a cluster-aligned L2 offset",
                     String.format("0x%016x", l1e));
@@ -220,9 +252,25 @@ public final class Qcow2Image implements BlockDevice {
         if (offset < 0 || offset > size || dst.remaining() > size - offset) {
             throw new IOException(name() + ": read of " + dst.remaining() + " bytes at " + offset + " past the virtual size " + size);
         }
+        ioGate.readLock().lock();
+        try {
+            readLocked(dst, offset);
+        } finally {
+            ioGate.readLock().unlock();
+        }
+    }
+
+    /** Guest read for a caller holding {@link #ioGate}; maps under the metadata lock, transfers data outside it. */
+    void readLocked(ByteBuffer dst, long offset) throws IOException {
         long pos = offset;
         while (dst.hasRemaining()) {
-            Mapping m = map(pos, dst.remaining());
+            Mapping m;
+            meta.lock();
+            try {
+                m = map(pos, dst.remaining());
+            } finally {
+                meta.unlock();
+            }
             int n = (int) m.length();
             ByteBuffer part = dst.slice(dst.position(), n);
             switch (m.type()) {
@@ -256,8 +304,10 @@ public final class Qcow2Image implements BlockDevice {
         int clen = L2Entry.compressedLength(entry, geo.clusterBits());
         long fsize = file.size();
         if (coff >= fsize) {
-            throw FormatException.at(name(), "compressed cluster descriptor (guest offset " + geo.clusterStart(pos) + ")",
-                    coff, "compressed data inside the file (" + fsize + " bytes)", "host offset " + coff);
+            long l2At = (l1[geo.l1Index(pos)] & L2Entry.L1_OFFSET_MASK) + (long) geo.l2Index(pos) * geo.l2EntrySize();
+            throw FormatException.at(name(), "compressed cluster descriptor in L2 entry (guest offset "
+                    + geo.clusterStart(pos) + ")", l2At, "compressed data inside the file (" + fsize + " bytes)",
+                    "host offset " + coff);
         }
         byte[] src = new byte[clen];
         file.readFully(ByteBuffer.wrap(src), coff);
@@ -282,7 +332,13 @@ public final class Qcow2Image implements BlockDevice {
 
     @Override
     public LayerStatus status(long offset, long length) throws IOException {
-        Mapping m = map(offset, length);
+        Mapping m;
+        meta.lock();
+        try {
+            m = map(offset, length);
+        } finally {
+            meta.unlock();
+        }
         int flags = 0;
         long host = 0;
         BlockFile f = null;
@@ -334,8 +390,47 @@ public final class Qcow2Image implements BlockDevice {
         return b;
     }
 
+    private Qcow2Writer requireWriter() throws IOException {
+        if (writer == null) {
+            throw new IOException(name() + ": image is open read-only");
+        }
+        return writer;
+    }
+
+    @Override
+    public void write(ByteBuffer src, long offset) throws IOException {
+        requireWriter().write(src, offset);
+    }
+
+    @Override
+    public void writeZeroes(long offset, long length, boolean unmap) throws IOException {
+        requireWriter().writeZeroes(offset, length, unmap);
+    }
+
+    @Override
+    public void discard(long offset, long length) throws IOException {
+        requireWriter().discard(offset, length);
+    }
+
+    @Override
+    public void flush() throws IOException {
+        if (writer != null) {
+            writer.flush();
+        }
+    }
+
     @Override
     public void close() throws IOException {
+        try {
+            if (writer != null) {
+                writer.close();
+            }
+        } finally {
+            closeFiles();
+        }
+    }
+
+    private void closeFiles() throws IOException {
         try {
             if (backing != null) {
                 backing.close();

@@ -2,54 +2,380 @@ package org.qdedup.image;
 
 import java.io.IOException;
 import java.nio.ByteBuffer;
+import java.util.ArrayList;
+import java.util.HashMap;
+import java.util.LinkedHashMap;
+import java.util.List;
+import java.util.Map;
 import org.qdedup.format.Be;
+import org.qdedup.format.FormatException;
 import org.qdedup.format.Header;
 import org.qdedup.io.BlockFile;
 
-/** Read-only refcount lookup through the refcount table and blocks (any width 1..64 bits). */
+/**
+ * Refcounts of host clusters: the refcount table and its blocks (any width 1..64 bits), a write-back block cache,
+ * and cluster allocation.
+ *
+ * <p>Callers hold the image's metadata lock. Increments are written by {@link #writeDirty()}, which the image calls
+ * (and syncs) before it writes any L2 entry that points at a newly allocated cluster. Decrements are queued with
+ * {@link #deferDecrement} and applied by {@link #applyDeferred()} only after the entries that referenced the
+ * clusters are durably gone, so a freed cluster is never reused while a durable entry still points at it.
+ */
 public final class Refcounts {
     private final BlockFile file;
-    private final Header header;
+    private final String name;
+    private final int clusterBits;
+    private final long clusterSize;
+    private final int order;
+    private final long maxRefcount;
+    private final long perBlock;
     private long[] table;
-    private long cachedBlockOffset = -1;
-    private byte[] cachedBlock;
+    private long tableOffset;
+    private int tableClusters;
+    private final LinkedHashMap<Long, byte[]> blocks = new LinkedHashMap<>(16, 0.75f, true);
+    private final Map<Long, byte[]> dirty = new HashMap<>();
+    private final List<Long> deferred = new ArrayList<>();
+    /** Lowest cluster that may be free: allocation scans from here. */
+    private long freeHint;
+    /** Called when the table moved, so the header can follow; set by the writer. */
+    private TableMoved onTableMoved;
+    private static final int CACHE_BLOCKS = 256;
+
+    /** Receives the new table location after growth (the header must be rewritten and synced). */
+    public interface TableMoved {
+        void moved(long offset, int clusters) throws IOException;
+    }
 
     Refcounts(BlockFile file, Header header) {
         this.file = file;
-        this.header = header;
+        this.name = file.name();
+        this.clusterBits = header.clusterBits();
+        this.clusterSize = header.clusterSize();
+        this.order = header.refcountOrder();
+        int bits = header.refcountBits();
+        this.maxRefcount = bits == 64 ? Long.MAX_VALUE : (1L << bits) - 1;
+        this.perBlock = clusterSize * 8 / bits;
+        this.tableOffset = header.refcountTableOffset();
+        this.tableClusters = header.refcountTableClusters();
     }
 
-    /** Refcount entries in one refcount block. */
+    void onTableMoved(TableMoved cb) {
+        this.onTableMoved = cb;
+    }
+
+    public long maxRefcount() {
+        return maxRefcount;
+    }
+
     public long entriesPerBlock() {
-        return header.clusterSize() * 8 / header.refcountBits();
+        return perBlock;
     }
 
-    /** The refcount of host cluster {@code cluster} (0 where no block covers it). */
-    public synchronized long get(long cluster) throws IOException {
+    public long tableOffset() {
+        return tableOffset;
+    }
+
+    public int tableClusters() {
+        return tableClusters;
+    }
+
+    private void loadTable() throws IOException {
         if (table == null) {
-            int n = (int) (header.refcountTableClusters() * header.clusterSize() / 8);
-            byte[] raw = new byte[n * 8];
-            file.readFully(ByteBuffer.wrap(raw), header.refcountTableOffset());
-            table = new long[n];
-            for (int i = 0; i < n; i++) {
-                table[i] = Be.u64(raw, i * 8);
-            }
+            int n = (int) (tableClusters * clusterSize / 8);
+            table = Images.readTable(file, tableOffset, n);
         }
-        long per = entriesPerBlock();
-        long ti = cluster / per;
+    }
+
+    /** Refcount block offset for table index {@code ti}, validated, or 0. */
+    private long blockOffset(long ti) throws IOException {
+        loadTable();
         if (ti >= table.length) {
             return 0;
         }
-        long blockOffset = table[(int) ti] & ~((1L << 9) - 1) & 0x00ff_ffff_ffff_ffffL;
-        if (blockOffset == 0) {
+        long e = table[(int) ti];
+        long off = e & 0x00ff_ffff_ffff_fe00L;
+        if ((e & 0x1ffL) != 0 || (e & 0xff00_0000_0000_0000L) != 0 || (off & (clusterSize - 1)) != 0) {
+            throw FormatException.at(name, "refcount table entry " + ti, tableOffset + 8 * ti,
+                    "a cluster-aligned refcount block offset", String.format("0x%016x", e));
+        }
+        return off;
+    }
+
+    private byte[] block(long off) throws IOException {
+        byte[] b = dirty.get(off);
+        if (b == null) {
+            b = blocks.get(off);
+        }
+        if (b == null) {
+            if (off > file.size() - clusterSize) {
+                throw FormatException.at(name, "refcount block", off, "a block inside the file (" + file.size() + " bytes)",
+                        "offset " + off);
+            }
+            b = new byte[(int) clusterSize];
+            file.readFully(ByteBuffer.wrap(b), off);
+            blocks.put(off, b);
+            if (blocks.size() > CACHE_BLOCKS) {
+                var it = blocks.keySet().iterator();
+                while (blocks.size() > CACHE_BLOCKS && it.hasNext()) {
+                    Long k = it.next();
+                    if (!dirty.containsKey(k)) {
+                        it.remove();
+                    }
+                }
+            }
+        }
+        return b;
+    }
+
+    /** The refcount of host cluster {@code cluster} (0 where no block covers it). */
+    public long get(long cluster) throws IOException {
+        long off = blockOffset(cluster / perBlock);
+        if (off == 0) {
             return 0;
         }
-        if (blockOffset != cachedBlockOffset) {
-            cachedBlock = new byte[(int) header.clusterSize()];
-            file.readFully(ByteBuffer.wrap(cachedBlock), blockOffset);
-            cachedBlockOffset = blockOffset;
+        return entry(block(off), (int) (cluster % perBlock), order);
+    }
+
+    /** Sets a refcount in the cache (the block must exist); written by {@link #writeDirty}. */
+    private void setExisting(long cluster, long value) throws IOException {
+        long off = blockOffset(cluster / perBlock);
+        byte[] b = block(off);
+        putEntry(b, (int) (cluster % perBlock), order, value);
+        dirty.put(off, b);
+    }
+
+    /** Adds {@code delta} to a cluster's refcount; creates the refcount block (and grows the table) if needed. */
+    public void add(long cluster, long delta) throws IOException {
+        long cur = get(cluster);
+        long v = cur + delta;
+        if (v < 0 || v > maxRefcount || (delta > 0 && v < cur)) {
+            throw new RefcountOverflowException(name + ": refcount of host cluster " + cluster + " would be " + v
+                    + ", outside 0.." + maxRefcount + " (refcount_bits " + (1 << order) + ")");
         }
-        return entry(cachedBlock, (int) (cluster % per), header.refcountOrder());
+        ensureBlock(cluster / perBlock);
+        setExisting(cluster, v);
+        if (v == 0 && cluster < freeHint) {
+            freeHint = cluster;
+        }
+    }
+
+    /** Queues a decrement to apply after the referencing entries are durably removed. */
+    public void deferDecrement(long cluster) {
+        deferred.add(cluster);
+    }
+
+    public boolean hasDeferred() {
+        return !deferred.isEmpty();
+    }
+
+    /** Applies queued decrements (the caller has synced the entry removals); returns clusters that reached 0. */
+    public List<Long> applyDeferred() throws IOException {
+        List<Long> freed = new ArrayList<>();
+        for (long c : deferred) {
+            add(c, -1);
+            if (get(c) == 0) {
+                freed.add(c);
+            }
+        }
+        deferred.clear();
+        return freed;
+    }
+
+    public boolean hasDirty() {
+        return !dirty.isEmpty();
+    }
+
+    /** Writes dirty refcount blocks (no sync). */
+    public void writeDirty() throws IOException {
+        for (Map.Entry<Long, byte[]> e : dirty.entrySet()) {
+            file.write(ByteBuffer.wrap(e.getValue()), e.getKey());
+        }
+        dirty.clear();
+    }
+
+    /** Makes sure the refcount block for table index {@code ti} exists, growing the table when needed. */
+    private void ensureBlock(long ti) throws IOException {
+        if (blockOffset(ti) != 0) {
+            return;
+        }
+        if (ti >= table.length) {
+            growTable(ti);
+            if (blockOffset(ti) != 0) {
+                return;
+            }
+        }
+        // No block: every cluster in its range is free. Put the block inside its own range (self-describing),
+        // away from the clusters being allocated; if they fill the range, put it just past them.
+        long first = ti * perBlock;
+        long b = -1;
+        for (long c = first; c < first + perBlock; c++) {
+            if (c < avoidStart || c >= avoidEnd) {
+                b = c;
+                break;
+            }
+        }
+        byte[] blk = new byte[(int) clusterSize];
+        boolean self = b >= 0;
+        if (self) {
+            putEntry(blk, (int) (b - first), order, 1);
+        } else {
+            b = avoidEnd;
+        }
+        long off = b << clusterBits;
+        extendTo(off + clusterSize);
+        blocks.put(off, blk);
+        dirty.put(off, blk);
+        if (!self) {
+            // The block lies in the next range; keep that range's own new block (if any) off it too.
+            long savedEnd = avoidEnd;
+            avoidEnd = b + 1;
+            try {
+                add(b, 1);
+            } finally {
+                avoidEnd = savedEnd;
+            }
+        }
+        // The block reaches disk before the table entry that publishes it.
+        writeDirty();
+        file.flush();
+        table[(int) ti] = off;
+        byte[] ent = new byte[8];
+        Be.put64(ent, 0, off);
+        file.write(ByteBuffer.wrap(ent), tableOffset + 8 * ti);
+        file.flush();
+    }
+
+    /** Moves the refcount table to the end of the file with room for index {@code need} and its own blocks. */
+    private void growTable(long need) throws IOException {
+        long start = (file.size() + clusterSize - 1) >> clusterBits;
+        long entries = Math.max(need + 1, table.length + table.length / 2 + 1);
+        // Fixpoint: new blocks at [start, start+nb), table at [start+nb, start+nb+tc); all must be covered.
+        long nb = 0, tc;
+        for (;;) {
+            tc = (entries * 8 + clusterSize - 1) / clusterSize;
+            long last = start + nb + tc - 1;
+            long lastIdx = last / perBlock;
+            entries = Math.max(entries, lastIdx + 1);
+            tc = (entries * 8 + clusterSize - 1) / clusterSize;
+            long needed = 0;
+            for (long ti = start / perBlock; ti <= (start + nb + tc - 1) / perBlock; ti++) {
+                if (blockOffset0(ti) == 0) {
+                    needed++;
+                }
+            }
+            if (needed <= nb) {
+                break;
+            }
+            nb = needed;
+        }
+        if (tc * clusterSize > Header.MAX_REFTABLE_BYTES) {
+            throw new IOException(name + ": refcount table would exceed " + Header.MAX_REFTABLE_BYTES + " bytes");
+        }
+        long[] nt = new long[(int) (tc * clusterSize / 8)];
+        System.arraycopy(table, 0, nt, 0, table.length);
+        long next = start;
+        long tableStart = start + nb;
+        for (long ti = start / perBlock; ti <= (tableStart + tc - 1) / perBlock; ti++) {
+            if (ti < nt.length && nt[(int) ti] == 0) {
+                long off = next++ << clusterBits;
+                nt[(int) ti] = off;
+                byte[] blk = new byte[(int) clusterSize];
+                blocks.put(off, blk);
+                dirty.put(off, blk);
+            }
+        }
+        long newTableOffset = tableStart << clusterBits;
+        extendTo(newTableOffset + tc * clusterSize);
+        long oldOffset = tableOffset;
+        int oldClusters = tableClusters;
+        table = nt;
+        tableOffset = newTableOffset;
+        tableClusters = (int) tc;
+        for (long c = start; c < tableStart + tc; c++) {
+            long off = blockOffset(c / perBlock);
+            byte[] b = block(off);
+            putEntry(b, (int) (c % perBlock), order, 1);
+            dirty.put(off, b);
+        }
+        writeDirty();
+        byte[] raw = new byte[(int) (tc * clusterSize)];
+        for (int i = 0; i < nt.length; i++) {
+            Be.put64(raw, i * 8, nt[i]);
+        }
+        file.write(ByteBuffer.wrap(raw), newTableOffset);
+        file.flush();
+        if (onTableMoved != null) {
+            onTableMoved.moved(newTableOffset, tableClusters);
+        }
+        for (long c = oldOffset >> clusterBits; c < (oldOffset >> clusterBits) + oldClusters; c++) {
+            deferDecrement(c);
+        }
+    }
+
+    private long blockOffset0(long ti) {
+        return ti < table.length ? table[(int) ti] & 0x00ff_ffff_ffff_fe00L : 0;
+    }
+
+    private void extendTo(long end) throws IOException {
+        if (file.size() < end) {
+            file.truncate(end);
+        }
+    }
+
+    /** Clusters being allocated right now: refcount blocks created meanwhile must not land on them. */
+    private long avoidStart, avoidEnd;
+
+    /**
+     * Allocates {@code n} contiguous free clusters, sets their refcounts to 1 (in the cache) and returns the first
+     * host offset. The file grows when the run lies past its end.
+     */
+    public long allocate(int n) throws IOException {
+        long endCluster = (file.size() + clusterSize - 1) >> clusterBits;
+        long c = freeHint;
+        long run = 0, runStart = c;
+        boolean usedUpToRun = true;
+        while (run < n) {
+            if (c >= endCluster) {
+                if (run == 0) {
+                    runStart = c;
+                }
+                break;
+            }
+            if (get(c) == 0) {
+                if (run == 0) {
+                    runStart = c;
+                }
+                run++;
+            } else {
+                if (run > 0) {
+                    usedUpToRun = false;
+                }
+                run = 0;
+            }
+            c++;
+        }
+        if (usedUpToRun) {
+            freeHint = runStart + n;
+        }
+        long runEnd = runStart + n;
+        extendTo(runEnd << clusterBits);
+        avoidStart = runStart;
+        avoidEnd = runEnd;
+        try {
+            for (long k = runStart; k < runEnd; k++) {
+                add(k, 1);
+            }
+        } finally {
+            avoidStart = avoidEnd = 0;
+        }
+        return runStart << clusterBits;
+    }
+
+    /** Drops every cached block (after the table was rebuilt elsewhere). */
+    void invalidate() {
+        blocks.clear();
+        dirty.clear();
+        table = null;
     }
 
     /** Decodes entry {@code i} of a refcount block of 2^order-bit entries (sub-byte widths LSB first). */
@@ -67,5 +393,29 @@ public final class Refcounts {
         int b = block[i / perByte] & 0xff;
         int shift = (i % perByte) * bits;
         return (b >>> shift) & ((1 << bits) - 1);
+    }
+
+    static void putEntry(byte[] block, int i, int order, long v) {
+        int bits = 1 << order;
+        if (bits >= 8) {
+            int bytes = bits / 8;
+            for (int k = bytes - 1; k >= 0; k--) {
+                block[i * bytes + k] = (byte) v;
+                v >>>= 8;
+            }
+            return;
+        }
+        int perByte = 8 / bits;
+        int shift = (i % perByte) * bits;
+        int mask = ((1 << bits) - 1) << shift;
+        int idx = i / perByte;
+        block[idx] = (byte) ((block[idx] & ~mask) | (((int) v << shift) & mask));
+    }
+
+    /** Thrown when a refcount would leave its width's range. */
+    public static final class RefcountOverflowException extends IOException {
+        public RefcountOverflowException(String m) {
+            super(m);
+        }
     }
 }

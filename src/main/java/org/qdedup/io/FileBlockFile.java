@@ -55,10 +55,8 @@ public final class FileBlockFile implements BlockFile {
         NativeFs.Fd fd = null;
         try {
             fd = NativeFs.open(path, writable);
-            if (fd != null && lock != Lock.NONE && !fd.lock(lock == Lock.EXCLUSIVE ? 2 : 1)) {
-                throw new IOException(name + ": image is locked by another process (" + (lock == Lock.EXCLUSIVE
-                        ? "cannot get the exclusive write lock" : "cannot get a shared read lock: it is open for writing")
-                        + "); use -U to read it anyway");
+            if (fd != null && lock != Lock.NONE) {
+                lockLikeQemu(name, fd, lock == Lock.EXCLUSIVE);
             }
             return new FileBlockFile(name, path, ch, fd, writable);
         } catch (IOException | RuntimeException e) {
@@ -68,6 +66,45 @@ public final class FileBlockFile implements BlockFile {
             ch.close();
             throw e;
         }
+    }
+
+    /** QEMU's permission bits (block.h) and lock byte bases (file-posix.c). */
+    private static final int PERM_CONSISTENT_READ = 0, PERM_WRITE = 1, PERM_RESIZE = 3;
+    private static final String[] PERM_NAMES = {"consistent read", "write", "write unchanged", "resize"};
+    private static final long LOCK_PERM_BASE = 100, LOCK_SHARED_BASE = 200;
+
+    /**
+     * Locks the bytes QEMU locks: a shared lock on 100+p for each permission p held, and on 200+p for each
+     * permission others may not have. Readers hold consistent-read and refuse writers; writers also hold write
+     * and resize. QEMU and qdedup then see each other exactly as two QEMU processes do.
+     */
+    private static void lockLikeQemu(String name, NativeFs.Fd fd, boolean write) throws IOException {
+        int[] held = write ? new int[]{PERM_CONSISTENT_READ, PERM_WRITE, PERM_RESIZE} : new int[]{PERM_CONSISTENT_READ};
+        int[] unshared = {PERM_WRITE, PERM_RESIZE};
+        for (int p : held) {
+            if (!fd.lockByte(LOCK_PERM_BASE + p)) {
+                throw locked(name, "cannot lock byte " + (LOCK_PERM_BASE + p));
+            }
+        }
+        for (int p : unshared) {
+            if (!fd.lockByte(LOCK_SHARED_BASE + p)) {
+                throw locked(name, "cannot lock byte " + (LOCK_SHARED_BASE + p));
+            }
+        }
+        for (int p : held) {
+            if (fd.byteLockedByOthers(LOCK_SHARED_BASE + p)) {
+                throw locked(name, "another process does not share the '" + PERM_NAMES[p] + "' permission");
+            }
+        }
+        for (int p : unshared) {
+            if (fd.byteLockedByOthers(LOCK_PERM_BASE + p)) {
+                throw locked(name, "another process has it open with the '" + PERM_NAMES[p] + "' permission");
+            }
+        }
+    }
+
+    private static IOException locked(String name, String why) {
+        return new IOException(name + ": image is in use by another process (" + why + "); -U reads it without locking");
     }
 
     public Path path() {

@@ -34,6 +34,7 @@ public final class NativeFs {
     private static final StructLayout CAPTURE = Linker.Option.captureStateLayout();
     private static final VarHandle ERRNO = CAPTURE.varHandle(MemoryLayout.PathElement.groupElement("errno"));
     private static final boolean AVAILABLE;
+    private static final int F_OFD_GETLK = 36;
     private static final int F_OFD_SETLK = 37;
     private static final short F_RDLCK = 0, F_WRLCK = 1, F_UNLCK = 2;
     private static final int EAGAIN = 11, EACCES = 13;
@@ -166,29 +167,38 @@ public final class NativeFs {
         }
 
         /**
-         * Takes (or, with {@code mode} 0, drops) an open-file-description lock on the whole file, the kind QEMU
-         * uses, so QEMU and qdedup see each other's locks; shared for readers, exclusive for writers.
+         * Takes a shared open-file-description lock on one byte, the kind QEMU uses for its permission bytes.
          *
-         * @param mode 1 shared, 2 exclusive, 0 unlock
-         * @return false when another process holds a conflicting lock
+         * @return false when another open file holds an exclusive lock there
          */
-        public boolean lock(int mode) throws IOException {
+        public boolean lockByte(long offset) throws IOException {
+            return fcntlByte(F_OFD_SETLK, F_RDLCK, offset) == 0;
+        }
+
+        /** Whether another open file description holds any lock on the byte (F_OFD_GETLK with a write lock). */
+        public boolean byteLockedByOthers(long offset) throws IOException {
+            return fcntlByte(F_OFD_GETLK, F_WRLCK, offset) != F_UNLCK;
+        }
+
+        /** Runs fcntl on one byte; SETLK returns 0 or -1 (conflict), GETLK the type of the conflicting lock. */
+        private int fcntlByte(int cmd, short type, long offset) throws IOException {
             try (Arena arena = Arena.ofConfined()) {
                 MemorySegment state = arena.allocate(CAPTURE);
                 MemorySegment fl = arena.allocate(FLOCK_SIZE, 8);
-                fl.set(ValueLayout.JAVA_SHORT, 0, mode == 0 ? F_UNLCK : mode == 1 ? F_RDLCK : F_WRLCK);
+                fl.set(ValueLayout.JAVA_SHORT, 0, type);
                 fl.set(ValueLayout.JAVA_SHORT, 2, (short) 0); // SEEK_SET
-                fl.set(ValueLayout.JAVA_LONG, 8, 0L);
-                fl.set(ValueLayout.JAVA_LONG, 16, 0L); // to the end of the file and beyond
-                int r = (int) FCNTL.invokeExact(state, fd, F_OFD_SETLK, fl);
-                if (r == 0) {
-                    return true;
+                fl.set(ValueLayout.JAVA_LONG, 8, offset);
+                fl.set(ValueLayout.JAVA_LONG, 16, 1L);
+                int r = (int) FCNTL.invokeExact(state, fd, cmd, fl);
+                if (r != 0) {
+                    int err = (int) ERRNO.get(state, 0L);
+                    if (cmd == F_OFD_SETLK && (err == EAGAIN || err == EACCES)) {
+                        return -1;
+                    }
+                    throw new IOException(name + ": fcntl(" + (cmd == F_OFD_SETLK ? "F_OFD_SETLK" : "F_OFD_GETLK")
+                            + ", byte " + offset + ") failed: errno " + err);
                 }
-                int err = (int) ERRNO.get(state, 0L);
-                if (err == EAGAIN || err == EACCES) {
-                    return false;
-                }
-                throw new IOException(name + ": fcntl(F_OFD_SETLK) failed: errno " + err);
+                return cmd == F_OFD_GETLK ? fl.get(ValueLayout.JAVA_SHORT, 0) : 0;
             } catch (IOException e) {
                 throw e;
             } catch (Throwable t) {

@@ -1,0 +1,567 @@
+package org.qdedup.image;
+
+import java.io.IOException;
+import java.nio.ByteBuffer;
+import java.util.ArrayList;
+import java.util.List;
+import java.util.Map;
+import java.util.TreeSet;
+import org.qdedup.format.Be;
+import org.qdedup.format.Features;
+import org.qdedup.format.Geometry;
+import org.qdedup.format.Header;
+import org.qdedup.format.L2Entry;
+import org.qdedup.format.SubclusterType;
+import org.qdedup.io.BlockFile;
+import org.qdedup.io.FileBlockFile;
+
+/**
+ * The write side of a qcow2 image: allocation, copy-on-write, zeroing, discard and the ordered metadata flush.
+ *
+ * <p><b>Write ordering</b> (all of it lives in {@link #writeBack}): (1) refcount increments and guest data are
+ * written and synced; (2) then the L2 tables that publish the new clusters are written (and synced) and only
+ * then the L1 entries that point at new L2 tables; (3) only after that, refcount decrements of clusters whose
+ * entries were removed are applied and written. A crash therefore leaks clusters at worst: an entry never points
+ * at a cluster whose refcount is not on disk, or whose data is not, and a freed cluster is never reused while a
+ * durable entry still points at it. A failed sync makes the image unusable for writing (never retried and trusted).
+ */
+public final class Qcow2Writer {
+    private final Qcow2Image img;
+    private final BlockFile file;
+    private final BlockFile dataFile;
+    private final Geometry geo;
+    private final Refcounts rc;
+    private final long cs;
+    private final TreeSet<Integer> dirtyL1 = new TreeSet<>();
+    private volatile IOException failed;
+    private boolean headerPrepared;
+
+    Qcow2Writer(Qcow2Image img) {
+        this.img = img;
+        this.file = img.file();
+        this.dataFile = img.dataFile();
+        this.geo = img.geometry();
+        this.rc = img.refcounts();
+        this.cs = geo.clusterSize();
+        rc.onTableMoved((off, clusters) -> updateHeader(img.header().withRefcountTable(off, clusters)));
+    }
+
+    private Header header() {
+        return img.header();
+    }
+
+    private void checkUsable() throws IOException {
+        if (failed != null) {
+            throw new IOException(img.name() + ": image unusable for writing after an earlier failure: " + failed.getMessage(), failed);
+        }
+    }
+
+    /** Clears autoclear bits we do not maintain (bitmaps, unknown ones) before the first change. */
+    private void prepareHeader() throws IOException {
+        if (headerPrepared) {
+            return;
+        }
+        Header h = header();
+        if (h.corrupt()) {
+            throw new IOException(img.name() + ": image is marked corrupt; repair it with 'check -r all' before writing");
+        }
+        long keep = h.autoclearFeatures() & Features.AUTOCLEAR_DATA_FILE_RAW;
+        if (keep != h.autoclearFeatures()) {
+            updateHeader(h.withAutoclear(keep));
+        }
+        headerPrepared = true;
+    }
+
+    private void updateHeader(Header h) throws IOException {
+        byte[] enc = h.encode();
+        file.write(ByteBuffer.wrap(enc, 0, (int) Math.min(enc.length, cs)), 0);
+        file.flush();
+        img.header(h);
+    }
+
+    // ---- guest operations ------------------------------------------------------------------------------------
+
+    /** Writes {@code src.remaining()} guest bytes at {@code offset}. */
+    public void write(ByteBuffer src, long offset) throws IOException {
+        checkRange(offset, src.remaining());
+        img.ioGate.readLock().lock();
+        try {
+            long pos = offset;
+            while (src.hasRemaining()) {
+                long inC = geo.offsetInCluster(pos);
+                int n;
+                if (inC == 0 && src.remaining() >= cs) {
+                    long l2End = (pos / geo.bytesPerL2() + 1) * geo.bytesPerL2();
+                    n = (int) Math.min(Math.min(src.remaining(), l2End - pos) & -cs, 1L << 30);
+                    writeFullClusters(pos, src.slice(src.position(), n));
+                } else {
+                    n = (int) Math.min(src.remaining(), cs - inC);
+                    writePartial(pos, src.slice(src.position(), n));
+                }
+                src.position(src.position() + n);
+                pos += n;
+            }
+        } finally {
+            img.ioGate.readLock().unlock();
+        }
+    }
+
+    private void checkRange(long offset, long len) throws IOException {
+        checkUsable();
+        if (offset < 0 || len < 0 || offset > img.size() || len > img.size() - offset) {
+            throw new IOException(img.name() + ": request of " + len + " bytes at " + offset + " past the virtual size " + img.size());
+        }
+    }
+
+    /** An L2 table this writer may change in place, and where it lives. */
+    private record L2Ref(long offset, long[] table) {
+    }
+
+    /** The L2 table for an L1 index, allocated or copied (when shared with a snapshot) so it can be changed. */
+    private L2Ref writableL2(int l1i) throws IOException {
+        prepareHeader();
+        long l1e = img.l1[l1i];
+        long off = l1e & L2Entry.L1_OFFSET_MASK;
+        if (off != 0 && (l1e & L2Entry.COPIED) != 0) {
+            return new L2Ref(off, img.l2Table(off, l1i));
+        }
+        long[] t;
+        if (off == 0) {
+            t = new long[(int) (cs / 8)];
+        } else {
+            // Shared with a snapshot: copy; the data clusters keep their refcounts (each table path counts once).
+            t = img.l2Table(off, l1i).clone();
+        }
+        long noff = rc.allocate(1);
+        img.l2Cache.put(noff, t);
+        img.l2Cache.markDirty(noff);
+        img.l1[l1i] = noff | L2Entry.COPIED;
+        dirtyL1.add(l1i);
+        if (off != 0) {
+            rc.deferDecrement(off / cs);
+        }
+        return new L2Ref(noff, t);
+    }
+
+    private int step() {
+        return geo.extendedL2() ? 2 : 1;
+    }
+
+    private long entryAt(L2Ref r, int idx) {
+        return r.table()[idx * step()];
+    }
+
+    private long bitmapAt(L2Ref r, int idx) {
+        return geo.extendedL2() ? r.table()[idx * step() + 1] : 0;
+    }
+
+    private void setEntry(L2Ref r, int idx, long entry, long bitmap) {
+        r.table()[idx * step()] = entry;
+        if (geo.extendedL2()) {
+            r.table()[idx * step() + 1] = bitmap;
+        }
+        img.l2Cache.markDirty(r.offset());
+    }
+
+    /** Host cluster an entry owns (normal or zero-allocated), or -1. */
+    private long ownedHost(long entry) {
+        if (L2Entry.isCompressed(entry)) {
+            return -1;
+        }
+        long h = L2Entry.hostOffset(entry);
+        boolean owned = h != 0 || (header().hasDataFile() && (entry & L2Entry.COPIED) != 0);
+        return owned ? h : -1;
+    }
+
+    /** Whether guest data may be written straight into the entry's host cluster. */
+    private boolean writableInPlace(long entry) {
+        return !L2Entry.isCompressed(entry) && ownedHost(entry) >= 0 && (entry & L2Entry.COPIED) != 0;
+    }
+
+    /** Queues the refcount drops for what an entry referenced, once the entry is replaced. */
+    private void release(long entry) throws IOException {
+        if (header().hasDataFile()) {
+            return; // external data file clusters have no refcounts
+        }
+        if (L2Entry.isCompressed(entry)) {
+            long off = L2Entry.compressedOffset(entry, geo.clusterBits());
+            int len = L2Entry.compressedLength(entry, geo.clusterBits());
+            for (long c = off / cs; c <= (off + len - 1) / cs; c++) {
+                rc.deferDecrement(c);
+            }
+            return;
+        }
+        long h = ownedHost(entry);
+        if (h >= 0) {
+            rc.deferDecrement(h / cs);
+        }
+    }
+
+    private long newEntry(long host) {
+        return host | L2Entry.COPIED;
+    }
+
+    private long allAllocBitmap() {
+        return geo.extendedL2() ? L2Entry.BITMAP_ALL_ALLOC : 0;
+    }
+
+    /** Host offset for a cluster's data: in place, or a new cluster. */
+    private long allocateData(int n) throws IOException {
+        if (header().hasDataFile()) {
+            throw new IllegalStateException("data file clusters are allocated at their guest offset");
+        }
+        return rc.allocate(n);
+    }
+
+    /** Whole clusters inside one L2 table. */
+    private void writeFullClusters(long pos, ByteBuffer data) throws IOException {
+        int n = (int) (data.remaining() / cs);
+        img.meta.lock();
+        try {
+            L2Ref r = writableL2(geo.l1Index(pos));
+            int idx0 = geo.l2Index(pos);
+            long[] hosts = new long[n];
+            int need = 0;
+            for (int i = 0; i < n; i++) {
+                long e = entryAt(r, idx0 + i);
+                if (writableInPlace(e)) {
+                    hosts[i] = ownedHost(e);
+                } else if (header().hasDataFile()) {
+                    hosts[i] = pos + i * cs;
+                } else {
+                    hosts[i] = -1;
+                    need++;
+                }
+            }
+            long next = need > 0 ? allocateData(need) : 0;
+            for (int i = 0; i < n; i++) {
+                if (hosts[i] < 0) {
+                    hosts[i] = next;
+                    next += cs;
+                }
+            }
+            // Data first (in runs of contiguous host clusters), then the entries that publish it.
+            int i = 0;
+            while (i < n) {
+                int j = i + 1;
+                while (j < n && hosts[j] == hosts[j - 1] + cs) {
+                    j++;
+                }
+                guardData(hosts[i], (long) (j - i) * cs);
+                dataFile.write(data.slice((int) (i * cs), (int) ((j - i) * cs)), hosts[i]);
+                i = j;
+            }
+            for (i = 0; i < n; i++) {
+                long old = entryAt(r, idx0 + i);
+                long oldHost = ownedHost(old);
+                if (!(writableInPlace(old) && oldHost == hosts[i]) && !(header().hasDataFile() && oldHost == hosts[i])) {
+                    release(old);
+                }
+                setEntry(r, idx0 + i, newEntry(hosts[i]), allAllocBitmap());
+            }
+            maybeWriteBack();
+        } finally {
+            img.meta.unlock();
+        }
+    }
+
+    /** Part of one cluster: in place when possible, else read-modify-write into a new cluster. */
+    private void writePartial(long pos, ByteBuffer data) throws IOException {
+        long cstart = geo.clusterStart(pos);
+        int inC = (int) (pos - cstart);
+        img.meta.lock();
+        try {
+            L2Ref r = writableL2(geo.l1Index(pos));
+            int idx = geo.l2Index(pos);
+            long e = entryAt(r, idx);
+            long b = bitmapAt(r, idx);
+            SubclusterType t = L2Entry.classify(e, b, geo.extendedL2(), header().hasDataFile(), geo.subclusterIndex(pos));
+            boolean plainInPlace = writableInPlace(e) && (e & L2Entry.ZERO) == 0
+                    && (!geo.extendedL2() || wholeRangeAllocated(b, inC, data.remaining()));
+            if (plainInPlace && t == SubclusterType.NORMAL) {
+                long host = ownedHost(e) + inC;
+                guardData(host, data.remaining());
+                dataFile.write(data.duplicate(), host);
+                return;
+            }
+            // Build the whole cluster as the guest sees it now, then put the new bytes in.
+            byte[] full = new byte[(int) cs];
+            long avail = Math.min(cs, img.size() - cstart);
+            img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
+            data.duplicate().get(full, inC, data.remaining());
+            long host;
+            boolean reuse = writableInPlace(e) || header().hasDataFile();
+            if (reuse) {
+                host = header().hasDataFile() ? cstart : ownedHost(e);
+            } else {
+                host = allocateData(1);
+            }
+            guardData(host, cs);
+            dataFile.write(ByteBuffer.wrap(full), host);
+            if (!reuse) {
+                release(e);
+            }
+            setEntry(r, idx, newEntry(host), allAllocBitmap());
+            maybeWriteBack();
+        } finally {
+            img.meta.unlock();
+        }
+    }
+
+    private boolean wholeRangeAllocated(long bitmap, int inC, int len) {
+        long sc = geo.subclusterSize();
+        for (long o = inC / sc * sc; o < inC + len; o += sc) {
+            int i = (int) (o / sc);
+            if ((bitmap & L2Entry.subAllocBit(i)) == 0 || (bitmap & L2Entry.subZeroBit(i)) != 0) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /**
+     * Makes guest bytes read as zeros. Whole clusters get the zero flag (or become unallocated on v2 without a
+     * backing file); with {@code unmap} their host clusters are released, else an owned cluster stays allocated.
+     */
+    public void writeZeroes(long offset, long len, boolean unmap) throws IOException {
+        checkRange(offset, len);
+        img.ioGate.readLock().lock();
+        try {
+            long pos = offset, end = offset + len;
+            while (pos < end) {
+                long inC = geo.offsetInCluster(pos);
+                long n = Math.min(end - pos, cs - inC);
+                boolean whole = inC == 0 && (n == cs || pos + n == img.size());
+                if (!whole || (header().version() == 2 && img.backing() != null)) {
+                    ByteBuffer z = ByteBuffer.allocate((int) n);
+                    if (whole) {
+                        writeFullOrTail(pos, z);
+                    } else {
+                        writePartial(pos, z);
+                    }
+                } else {
+                    zeroCluster(pos, unmap);
+                }
+                pos += n;
+            }
+        } finally {
+            img.ioGate.readLock().unlock();
+        }
+    }
+
+    private void writeFullOrTail(long pos, ByteBuffer z) throws IOException {
+        if (z.remaining() == cs) {
+            writeFullClusters(pos, z);
+        } else {
+            writePartial(pos, z);
+        }
+    }
+
+    /** Discards guest bytes: they read as zeros afterwards and whole clusters give their space back. */
+    public void discard(long offset, long len) throws IOException {
+        writeZeroes(offset, len, true);
+    }
+
+    private void zeroCluster(long pos, boolean unmap) throws IOException {
+        img.meta.lock();
+        try {
+            int l1i = geo.l1Index(pos);
+            long l1e = img.l1[l1i];
+            boolean zeroBelow = img.backing() == null;
+            if ((l1e & L2Entry.L1_OFFSET_MASK) == 0) {
+                if (zeroBelow) {
+                    return; // unallocated without a backing file already reads as zeros
+                }
+            } else {
+                long[] cur = img.l2Table(l1e & L2Entry.L1_OFFSET_MASK, l1i);
+                int i = geo.l2Index(pos) * step();
+                long ce = cur[i], cb = geo.extendedL2() ? cur[i + 1] : 0;
+                boolean unallocated = ce == 0 && cb == 0;
+                boolean zeroPlain = geo.extendedL2() ? ce == 0 && cb == 0xffff_ffffL << 32 : ce == L2Entry.ZERO;
+                if ((unallocated && zeroBelow) || zeroPlain) {
+                    return;
+                }
+            }
+            L2Ref r = writableL2(l1i);
+            int idx = geo.l2Index(pos);
+            long e = entryAt(r, idx);
+            boolean keep = !unmap && writableInPlace(e) && !header().hasDataFile();
+            long ne, nb = 0;
+            if (header().version() == 2) {
+                ne = 0;
+                keep = false;
+            } else if (geo.extendedL2()) {
+                ne = keep ? e & ~L2Entry.ZERO : 0;
+                nb = 0xffff_ffffL << 32;
+            } else {
+                ne = keep ? (e | L2Entry.ZERO) : L2Entry.ZERO;
+            }
+            if (header().hasDataFile() && header().version() == 3) {
+                // External data file clusters keep their mapping; only the zero flag changes.
+                ne = geo.extendedL2() ? e : (e | L2Entry.ZERO);
+                keep = true;
+            }
+            if (!keep) {
+                release(e);
+            }
+            setEntry(r, idx, ne, nb);
+            maybeWriteBack();
+        } finally {
+            img.meta.unlock();
+        }
+    }
+
+    // ---- metadata write-back ---------------------------------------------------------------------------------
+
+    private void maybeWriteBack() throws IOException {
+        if (img.l2Cache.dirtyCount() > img.l2Cache.capacity() / 2) {
+            writeBack();
+        }
+    }
+
+    /** Steps (1) and (2) of the write ordering; the caller holds the metadata lock. */
+    private void writeBack() throws IOException {
+        checkUsable();
+        try {
+            boolean l2 = img.l2Cache.dirtyCount() > 0;
+            if (!rc.hasDirty() && !l2 && dirtyL1.isEmpty()) {
+                return;
+            }
+            rc.writeDirty();
+            sync();
+            for (Map.Entry<Long, long[]> d : img.l2Cache.takeDirty().entrySet()) {
+                long[] t = d.getValue();
+                byte[] raw = new byte[t.length * 8];
+                for (int i = 0; i < t.length; i++) {
+                    Be.put64(raw, i * 8, t[i]);
+                }
+                file.write(ByteBuffer.wrap(raw), d.getKey());
+            }
+            if (!dirtyL1.isEmpty()) {
+                file.flush(); // L2 tables on disk before the L1 entries that point at them
+                for (int i : dirtyL1) {
+                    byte[] ent = new byte[8];
+                    Be.put64(ent, 0, img.l1[i]);
+                    file.write(ByteBuffer.wrap(ent), img.l1Offset() + 8L * i);
+                }
+                dirtyL1.clear();
+            }
+            file.flush();
+        } catch (IOException e) {
+            failed = e;
+            throw e;
+        }
+    }
+
+    private void sync() throws IOException {
+        if (dataFile != file) {
+            dataFile.flush();
+        }
+        file.flush();
+    }
+
+    /**
+     * Makes every completed write durable and applies deferred frees (step 3), giving freed space back to the
+     * host file. Must not be called from inside a guest I/O.
+     */
+    public void flush() throws IOException {
+        checkUsable();
+        img.meta.lock();
+        try {
+            writeBack();
+            sync();
+        } finally {
+            img.meta.unlock();
+        }
+        if (!rc.hasDeferred()) {
+            return;
+        }
+        img.ioGate.writeLock().lock();
+        try {
+            img.meta.lock();
+            try {
+                List<Long> freed = rc.applyDeferred();
+                rc.writeDirty();
+                file.flush();
+                giveBack(freed);
+            } catch (IOException e) {
+                failed = e;
+                throw e;
+            } finally {
+                img.meta.unlock();
+            }
+        } finally {
+            img.ioGate.writeLock().unlock();
+        }
+    }
+
+    /** Punches holes for freed clusters and truncates free clusters off the end of the file. */
+    private void giveBack(List<Long> freed) throws IOException {
+        for (long c : freed) {
+            img.l2Cache.remove(c * cs);
+        }
+        long end = (file.size() + cs - 1) / cs;
+        long newEnd = end;
+        while (newEnd > 1 && rc.get(newEnd - 1) == 0) {
+            newEnd--;
+        }
+        if (newEnd < end) {
+            file.truncate(newEnd * cs);
+        }
+        if (file instanceof FileBlockFile f) {
+            List<Long> sorted = new ArrayList<>(freed);
+            sorted.sort(null);
+            int i = 0;
+            while (i < sorted.size()) {
+                int j = i + 1;
+                while (j < sorted.size() && sorted.get(j) == sorted.get(j - 1) + 1) {
+                    j++;
+                }
+                long start = sorted.get(i);
+                long stop = Math.min(sorted.get(j - 1) + 1, newEnd);
+                if (start < stop) {
+                    f.punchHole(start * cs, (stop - start) * cs);
+                }
+                i = j;
+            }
+        }
+    }
+
+    /** Refuses a data write that would land on the image's own metadata (a corrupt mapping). */
+    private void guardData(long host, long len) throws IOException {
+        if (dataFile != file) {
+            return;
+        }
+        Header h = header();
+        if (overlaps(host, len, 0, cs) || overlaps(host, len, img.l1Offset(), 8L * img.l1.length)
+                || overlaps(host, len, rc.tableOffset(), (long) rc.tableClusters() * cs)
+                || (h.nbSnapshots() > 0 && overlaps(host, len, h.snapshotsOffset(), cs))) {
+            markCorrupt();
+            throw new IOException(img.name() + ": refusing a data write at host offset " + host + " (" + len
+                    + " bytes): it overlaps the image's metadata; the image is now marked corrupt");
+        }
+    }
+
+    private static boolean overlaps(long a, long alen, long b, long blen) {
+        return a < b + blen && b < a + alen;
+    }
+
+    private void markCorrupt() {
+        try {
+            Header h = header();
+            if (h.version() == 3) {
+                updateHeader(h.withIncompatible(h.incompatibleFeatures() | Features.INCOMPAT_CORRUPT));
+            }
+        } catch (IOException ignored) {
+            // already failing: the caller reports the overlap
+        }
+        failed = new IOException("metadata overlap detected");
+    }
+
+    /** Flushes everything; the image stays open for reading. */
+    public void close() throws IOException {
+        if (failed == null) {
+            flush();
+        }
+    }
+}
