@@ -8,7 +8,11 @@ import org.qdedup.image.Images;
 import org.qdedup.image.OpenOptions;
 import org.qdedup.io.FileBlockFile;
 import org.qdedup.ops.Progress;
-import org.qdedup.ops.RawConverter;
+import java.util.Map;
+import org.qdedup.image.CreateOptions;
+import org.qdedup.image.Qcow2Create;
+import org.qdedup.image.Qcow2Image;
+import org.qdedup.ops.Converter;
 import picocli.CommandLine.Command;
 import picocli.CommandLine.Option;
 import picocli.CommandLine.Parameters;
@@ -41,6 +45,56 @@ final class ConvertCommand implements Callable<Integer> {
     @Parameters(index = "1", paramLabel = "DST")
     String dst;
 
+    private void toRaw(BlockDevice source, Path dp, Progress p) throws Exception {
+        try (FileBlockFile target = FileBlockFile.open(dst, dp, true, FileBlockFile.Lock.EXCLUSIVE, !noCreate)) {
+            if (noCreate) {
+                if (target.size() < source.size()) {
+                    throw new CliException(dst + ": target is smaller (" + target.size() + " bytes) than the source ("
+                            + source.size() + " bytes)");
+                }
+            } else {
+                target.truncate(source.size());
+            }
+            Converter.copy(source, Converter.raw(target), !noCreate, p);
+            if (!cache.equals("unsafe")) {
+                target.flush();
+            }
+        }
+    }
+
+    private void toQcow2(BlockDevice source, Map<String, String> opts, Progress p) throws Exception {
+        if (dedup) {
+            throw new CliException(dst + ": deduplication is not implemented yet (the dedup issues follow the writer)");
+        }
+        if (!noCreate) {
+            ImageOptions.Applied a = ImageOptions.apply(opts, CreateOptions.defaults(source.size()));
+            if (Boolean.TRUE.equals(a.dedup())) {
+                throw new CliException(dst + ": deduplication is not implemented yet (the dedup issues follow the writer)");
+            }
+            if (!a.preallocation().equals("off")) {
+                throw new CliException("preallocation=" + a.preallocation() + " is not supported yet (only off)");
+            }
+            if (a.create().backingFile() != null) {
+                throw new CliException("backing_file with convert is not supported yet");
+            }
+            Qcow2Create.create(dst, a.create().withSize(source.size()));
+        }
+        try (Qcow2Image target = Images.openWritable(dst, OpenOptions.defaults().withFormat("qcow2"))) {
+            if (target.size() < source.size()) {
+                throw new CliException(dst + ": target is smaller (" + target.size() + " bytes) than the source ("
+                        + source.size() + " bytes)");
+            }
+            if (cache.equals("unsafe")) {
+                for (var f : new org.qdedup.io.BlockFile[]{target.file(), target.dataFile()}) {
+                    if (f instanceof FileBlockFile ff) {
+                        ff.disableSync(true);
+                    }
+                }
+            }
+            Converter.copy(source, Converter.image(target), !noCreate && target.backing() == null, p);
+        }
+    }
+
     @Override
     public Integer call() throws Exception {
         if (noCreate && options != null) {
@@ -60,41 +114,30 @@ final class ConvertCommand implements Callable<Integer> {
             case "unsafe", "writeback", "writethrough", "none", "directsync" -> { }
             default -> throw new CliException("invalid cache mode '" + cache + "'");
         }
-        if (!outFormat.equals("raw")) {
-            if (outFormat.equals("qcow2")) {
-                throw new CliException(dst + ": qcow2 output is not supported yet (the writer is the next milestone); use -O raw");
-            }
+        if (!outFormat.equals("raw") && !outFormat.equals("qcow2")) {
             throw new CliException("unknown output format '" + outFormat + "' (expected raw or qcow2)");
         }
         if (compress) {
-            throw new CliException("-c: compression is not supported for the raw output format");
+            throw new CliException(outFormat.equals("raw") ? "-c: compression is not supported for the raw output format"
+                    : "-c: compressed qcow2 output is not supported yet");
         }
-        if (dedup) {
-            throw new CliException("--dedup needs qcow2 output");
+        Map<String, String> opts = ImageOptions.parse(options);
+        if (outFormat.equals("raw") && (!opts.isEmpty() || dedup)) {
+            throw new CliException("-o and --dedup need -O qcow2");
         }
         try (BlockDevice source = Images.open(src, new OpenOptions(format, forceShare, snapName))) {
             Path dp = Path.of(dst);
             if (Files.exists(dp) && Files.isSameFile(dp, Path.of(src))) {
                 throw new CliException(dst + ": target is the source image");
             }
-            boolean fresh = !noCreate;
-            try (FileBlockFile target = FileBlockFile.open(dst, dp, true, FileBlockFile.Lock.EXCLUSIVE, !noCreate)) {
-                if (noCreate) {
-                    if (target.size() < source.size()) {
-                        throw new CliException(dst + ": target is smaller (" + target.size() + " bytes) than the source ("
-                                + source.size() + " bytes)");
-                    }
-                } else {
-                    target.truncate(source.size());
-                }
-                Progress p = progress ? new Progress(Context.err(), source.size()) : Progress.none();
-                RawConverter.copy(source, target, fresh, p);
-                if (!cache.equals("unsafe")) {
-                    target.flush();
-                }
-                if (progress) {
-                    p.finish();
-                }
+            Progress p = progress ? new Progress(Context.err(), source.size()) : Progress.none();
+            if (outFormat.equals("raw")) {
+                toRaw(source, dp, p);
+            } else {
+                toQcow2(source, opts, p);
+            }
+            if (progress) {
+                p.finish();
             }
         }
         return 0;

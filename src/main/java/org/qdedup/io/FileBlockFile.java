@@ -142,9 +142,18 @@ public final class FileBlockFile implements BlockFile {
         }
     }
 
+    private volatile boolean syncDisabled;
+
+    /** Cache mode "unsafe" (qemu-img convert's default): flush requests are ignored. */
+    public void disableSync(boolean disabled) {
+        this.syncDisabled = disabled;
+    }
+
     @Override
     public void flush() throws IOException {
-        channel.force(true);
+        if (!syncDisabled) {
+            channel.force(true);
+        }
     }
 
     @Override

@@ -15,26 +15,64 @@ import org.qdedup.io.BlockFile;
 import org.qdedup.io.FileBlockFile;
 
 /**
- * Copies a device's guest-visible bytes into a raw file: reads only what block status says holds data, skips
- * zero blocks (the target stays sparse), and works on chunks in parallel so reading, zero detection and writing
- * overlap on all cores.
+ * Copies a device's guest-visible bytes into a target (raw file or qcow2 image): reads only what block status says
+ * holds data, skips zero blocks (the target stays sparse), and works on chunks in parallel so reading, zero
+ * detection and writing overlap on all cores.
  */
-public final class RawConverter {
+public final class Converter {
+    /** Where converted bytes go. */
+    public interface Target {
+        void write(ByteBuffer src, long pos) throws IOException;
+
+        /** Makes a range read as zeros (only called when the target was not fresh). */
+        void zero(long pos, long len) throws IOException;
+    }
+
+    /** A raw file target: zeros become holes where the file system can punch them. */
+    public static Target raw(BlockFile f) {
+        return new Target() {
+            @Override
+            public void write(ByteBuffer src, long pos) throws IOException {
+                f.write(src, pos);
+            }
+
+            @Override
+            public void zero(long pos, long len) throws IOException {
+                zeroTarget(f, pos, len);
+            }
+        };
+    }
+
+    /** A writable image target: zeros become zero clusters. */
+    public static Target image(org.qdedup.image.WritableDevice d) {
+        return new Target() {
+            @Override
+            public void write(ByteBuffer src, long pos) throws IOException {
+                d.write(src, pos);
+            }
+
+            @Override
+            public void zero(long pos, long len) throws IOException {
+                d.writeZeroes(pos, len, true);
+            }
+        };
+    }
+
     /** Chunk one worker handles at a time. */
     static final int CHUNK = 2 << 20;
     /** Zero-detection granularity, qemu-img's default -S 4k. */
     static final int SPARSE = 4096;
     private static final ByteBuffer ZEROS = ByteBuffer.allocateDirect(SPARSE);
 
-    private RawConverter() {
+    private Converter() {
     }
 
     /**
-     * @param target     a raw file already sized to {@code src.size()}
+     * @param target      a target at least {@code src.size()} bytes long
      * @param freshTarget true when the target reads as zeros everywhere (new file): zero ranges are then skipped;
      *                    otherwise they are punched or written as zeros
      */
-    public static void copy(BlockDevice src, BlockFile target, boolean freshTarget, Progress progress) throws IOException {
+    public static void copy(BlockDevice src, Target target, boolean freshTarget, Progress progress) throws IOException {
         long size = src.size();
         int threads = Math.max(1, Math.min(4, Runtime.getRuntime().availableProcessors()));
         AtomicLong next = new AtomicLong();
@@ -79,7 +117,7 @@ public final class RawConverter {
         }
     }
 
-    private static void copyChunk(BlockDevice src, BlockFile target, boolean fresh, long start, long end, ByteBuffer buf)
+    private static void copyChunk(BlockDevice src, Target target, boolean fresh, long start, long end, ByteBuffer buf)
             throws IOException {
         long pos = start;
         while (pos < end) {
@@ -90,7 +128,7 @@ public final class RawConverter {
             }
             if (e.zero()) {
                 if (!fresh) {
-                    zeroTarget(target, pos, len);
+                    target.zero(pos, len);
                 }
             } else {
                 buf.clear().limit((int) len);
@@ -103,7 +141,7 @@ public final class RawConverter {
     }
 
     /** Writes the buffer at {@code pos}, leaving out 4 KiB blocks of zeros when the target already reads as zeros. */
-    private static void writeNonZero(BlockFile target, ByteBuffer buf, long pos, boolean fresh) throws IOException {
+    private static void writeNonZero(Target target, ByteBuffer buf, long pos, boolean fresh) throws IOException {
         if (!fresh) {
             target.write(buf, pos);
             return;
