@@ -43,6 +43,24 @@ public final class Images {
             d.close();
             throw new IOException(name + ": only qcow2 images can be opened for writing here (found " + d.format() + ")");
         }
+        return attachWriter(q);
+    }
+
+    /**
+     * Opens a qcow2 image held in any {@link BlockFile} (in memory, power-cut, ...) for writing; a backing file is
+     * resolved by name as usual.
+     */
+    public static Qcow2Image openWritable(BlockFile file) throws IOException {
+        return attachWriter((Qcow2Image) openQcow2(file.name(), file, OpenOptions.defaults(), 0, new HashSet<>(), true));
+    }
+
+    /** Opens a qcow2 image held in any {@link BlockFile} for reading. */
+    public static Qcow2Image openReadOnly(BlockFile file) throws IOException {
+        return (Qcow2Image) openQcow2(file.name(), file, OpenOptions.defaults(), 0, new HashSet<>(), false);
+    }
+
+    private static Qcow2Image attachWriter(Qcow2Image q) throws IOException {
+        String name = q.name();
         if (q.header().dirty()) {
             q.close();
             throw new IOException(name + ": image has the dirty bit set (lazy refcounts after a crash); repair it "
@@ -183,7 +201,7 @@ public final class Images {
         return Math.min(pos, raw.length);
     }
 
-    private static BlockDevice openQcow2(String name, FileBlockFile file, OpenOptions opts, int depth, Set<Path> seen,
+    private static BlockDevice openQcow2(String name, BlockFile file, OpenOptions opts, int depth, Set<Path> seen,
                                          boolean writable) throws IOException {
         Header h = readHeader(file);
         List<Snapshot> snaps = readSnapshots(file, h);
