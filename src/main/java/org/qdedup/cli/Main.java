@@ -10,7 +10,7 @@ import picocli.CommandLine.Command;
 /** The qdedup command line: a thin layer over the library, qemu-img's names, flags, keys and exit codes. */
 @Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
         description = "QCOW2 images with online deduplication.",
-        subcommands = {InfoCommand.class, MapCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class,
+        subcommands = {InfoCommand.class, MapCommand.class, CheckCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class,
                 SnapshotCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
 public final class Main implements Runnable {
     @CommandLine.Spec

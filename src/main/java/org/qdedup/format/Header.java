@@ -53,6 +53,12 @@ public record Header(
                 refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
     }
 
+    public Header withSnapshots(int count, long offset) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, count, offset, incompatibleFeatures, compatibleFeatures,
+                autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
+    }
+
     public Header withAutoclear(long bits) {
         return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
                 refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
@@ -139,6 +145,17 @@ public record Header(
      * @param fileSize the image file's size, for "past end of file" checks
      */
     public static Header decode(String file, byte[] cluster, long fileSize) throws FormatException {
+        return decode(file, cluster, fileSize, false);
+    }
+
+    /**
+     * As {@link #decode(String, byte[], long)}; with {@code allowPastEof} tables may run past the end of the file
+     * (they read as zeros there, as in QEMU), which check and repair need to look at truncated images.
+     */
+    public static Header decode(String file, byte[] cluster, long fileSize, boolean allowPastEof) throws FormatException {
+        if (allowPastEof) {
+            fileSize = Long.MAX_VALUE / 2;
+        }
         int clusterBits = peekClusterBits(file, cluster);
         long clusterSize = 1L << clusterBits;
         int version = (int) Be.u32(cluster, 4);

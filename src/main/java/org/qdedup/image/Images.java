@@ -128,13 +128,18 @@ public final class Images {
 
     /** Reads and validates the header of an open qcow2 file. */
     public static Header readHeader(BlockFile file) throws IOException {
+        return readHeader(file, false);
+    }
+
+    /** Reads the header; with {@code allowPastEof} its tables may run past the end of a truncated file. */
+    public static Header readHeader(BlockFile file, boolean allowPastEof) throws IOException {
         long fsize = file.size();
         byte[] start = new byte[(int) Math.min(fsize, Header.V3_LENGTH)];
         file.read(ByteBuffer.wrap(start), 0);
         int bits = Header.peekClusterBits(file.name(), start);
         byte[] cluster = new byte[(int) Math.min(fsize, 1L << bits)];
         file.read(ByteBuffer.wrap(cluster), 0);
-        return Header.decode(file.name(), cluster, fsize);
+        return Header.decode(file.name(), cluster, fsize, allowPastEof);
     }
 
     /** Reads {@code count} big-endian 64-bit entries at {@code offset} (bounds already validated). */
@@ -150,6 +155,11 @@ public final class Images {
 
     /** Reads and validates the snapshot table. */
     public static List<Snapshot> readSnapshots(BlockFile file, Header h) throws IOException {
+        return readSnapshots(file, h, false);
+    }
+
+    /** With {@code unchecked}, snapshot L1 tables are not validated (check reports them one by one). */
+    public static List<Snapshot> readSnapshots(BlockFile file, Header h, boolean unchecked) throws IOException {
         if (h.nbSnapshots() == 0) {
             return List.of();
         }
@@ -174,7 +184,7 @@ public final class Images {
             len = (int) Math.min(avail, Math.max(need, 2L * len));
         }
         return Snapshot.decodeTable(file.name(), raw, h.snapshotsOffset(), h.nbSnapshots(), h.clusterSize(), fsize,
-                Header.MAX_L1_BYTES / 8);
+                unchecked ? -1 : Header.MAX_L1_BYTES / 8);
     }
 
     /**

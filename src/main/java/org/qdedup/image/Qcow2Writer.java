@@ -133,6 +133,12 @@ public final class Qcow2Writer {
             t = img.l2Table(off, l1i).clone();
         }
         long noff = rc.allocate(1);
+        if (l2Clusters != null) {
+            if (off != 0) {
+                l2Clusters.remove(off / cs);
+            }
+            l2Clusters.add(noff / cs);
+        }
         img.l2Cache.put(noff, t);
         img.l2Cache.markDirty(noff);
         img.l1[l1i] = noff | L2Entry.COPIED;
@@ -186,6 +192,7 @@ public final class Qcow2Writer {
         if (L2Entry.isCompressed(entry)) {
             long off = L2Entry.compressedOffset(entry, geo.clusterBits());
             int len = L2Entry.compressedLength(entry, geo.clusterBits());
+            guardMetadata(off, len, "freeing compressed data");
             for (long c = off / cs; c <= (off + len - 1) / cs; c++) {
                 rc.deferDecrement(c);
             }
@@ -193,6 +200,7 @@ public final class Qcow2Writer {
         }
         long h = ownedHost(entry);
         if (h >= 0) {
+            guardMetadata(h, cs, "freeing a data cluster");
             rc.deferDecrement(h / cs);
         }
     }
@@ -532,18 +540,77 @@ public final class Qcow2Writer {
         if (dataFile != file) {
             return;
         }
-        Header h = header();
-        if (overlaps(host, len, 0, cs) || overlaps(host, len, img.l1Offset(), 8L * img.l1.length)
-                || overlaps(host, len, rc.tableOffset(), (long) rc.tableClusters() * cs)
-                || (h.nbSnapshots() > 0 && overlaps(host, len, h.snapshotsOffset(), cs))) {
-            markCorrupt();
-            throw new IOException(img.name() + ": refusing a data write at host offset " + host + " (" + len
-                    + " bytes): it overlaps the image's metadata; the image is now marked corrupt");
+        guardMetadata(host, len, "a data write");
+    }
+
+    /**
+     * Refuses to write data into, or to drop a reference to, host clusters that hold the image's metadata: QEMU's
+     * default ("cached") overlap checks (header, active and snapshot L1 tables, active L2 tables, refcount table and
+     * blocks, snapshot table), at cluster granularity since no data cluster may share a cluster with metadata.
+     * A hit marks the image corrupt and makes it unusable for writing.
+     */
+    private void guardMetadata(long host, long len, String what) throws IOException {
+        long first = host / cs, last = (host + Math.max(len, 1) - 1) / cs;
+        for (long c = first; c <= last; c++) {
+            String m = metadataAt(c);
+            if (m != null) {
+                markCorrupt();
+                throw new IOException(img.name() + ": refusing " + what + " at host offset " + host + " (" + len
+                        + " bytes): it overlaps the " + m + " at host offset " + c * cs
+                        + "; the image is now marked corrupt");
+            }
         }
     }
 
-    private static boolean overlaps(long a, long alen, long b, long blen) {
-        return a < b + blen && b < a + alen;
+    /** Active L2 table clusters (built on first use, kept up to date by {@link #writableL2}). */
+    private java.util.HashSet<Long> l2Clusters;
+
+    /** What metadata host cluster {@code c} holds, or null for none. */
+    private String metadataAt(long c) throws IOException {
+        Header h = header();
+        if (c == 0) {
+            return "image header";
+        }
+        if (inTable(c, img.l1Offset(), 8L * img.l1.length)) {
+            return "active L1 table";
+        }
+        if (inTable(c, rc.tableOffset(), (long) rc.tableClusters() * cs)) {
+            return "refcount table";
+        }
+        if (h.nbSnapshots() > 0 && c == h.snapshotsOffset() / cs) {
+            return "snapshot table";
+        }
+        for (org.qdedup.format.Snapshot s : img.snapshots()) {
+            if (inTable(c, s.l1TableOffset(), 8L * s.l1Size())) {
+                return "L1 table of snapshot '" + s.name() + "'";
+            }
+        }
+        if (rc.isBlock(c)) {
+            return "refcount block";
+        }
+        if (l2Clusters == null) {
+            l2Clusters = new java.util.HashSet<>();
+            for (long e : img.l1) {
+                long off = e & L2Entry.L1_OFFSET_MASK;
+                if (off != 0) {
+                    l2Clusters.add(off / cs);
+                }
+            }
+        }
+        if (l2Clusters.contains(c)) {
+            for (long e : img.l1) {
+                if ((e & L2Entry.L1_OFFSET_MASK) == c * cs) {
+                    return "active L2 table";
+                }
+            }
+            l2Clusters.remove(c); // stale
+        }
+        return null;
+    }
+
+    /** Whether cluster {@code c} holds part of a table of {@code bytes} bytes at {@code off}. */
+    private boolean inTable(long c, long off, long bytes) {
+        return bytes > 0 && c >= off / cs && c <= (off + bytes - 1) / cs;
     }
 
     private void markCorrupt() {

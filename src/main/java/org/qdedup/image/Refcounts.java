@@ -35,6 +35,8 @@ public final class Refcounts {
     private final LinkedHashMap<Long, byte[]> blocks = new LinkedHashMap<>(16, 0.75f, true);
     private final Map<Long, byte[]> dirty = new HashMap<>();
     private final List<Long> deferred = new ArrayList<>();
+    /** Host clusters the refcount table names as refcount blocks (for the metadata overlap guard). */
+    private final java.util.HashSet<Long> blockClusters = new java.util.HashSet<>();
     /** Lowest cluster that may be free: allocation scans from here. */
     private long freeHint;
     /** Called when the table moved, so the header can follow; set by the writer. */
@@ -83,7 +85,20 @@ public final class Refcounts {
         if (table == null) {
             int n = (int) (tableClusters * clusterSize / 8);
             table = Images.readTable(file, tableOffset, n);
+            blockClusters.clear();
+            for (long e : table) {
+                long off = e & 0x00ff_ffff_ffff_fe00L;
+                if (off != 0) {
+                    blockClusters.add(off >> clusterBits);
+                }
+            }
         }
+    }
+
+    /** Whether host cluster {@code cluster} is one of the refcount blocks the table names. */
+    public boolean isBlock(long cluster) throws IOException {
+        loadTable();
+        return blockClusters.contains(cluster);
     }
 
     /** Refcount block offset for table index {@code ti}, validated, or 0. */
@@ -239,6 +254,7 @@ public final class Refcounts {
         writeDirty();
         file.flush();
         table[(int) ti] = off;
+        blockClusters.add(b);
         byte[] ent = new byte[8];
         Be.put64(ent, 0, off);
         file.write(ByteBuffer.wrap(ent), tableOffset + 8 * ti);
@@ -279,6 +295,7 @@ public final class Refcounts {
             if (ti < nt.length && nt[(int) ti] == 0) {
                 long off = next++ << clusterBits;
                 nt[(int) ti] = off;
+                blockClusters.add(off >> clusterBits);
                 byte[] blk = new byte[(int) clusterSize];
                 blocks.put(off, blk);
                 dirty.put(off, blk);
@@ -376,6 +393,7 @@ public final class Refcounts {
         blocks.clear();
         dirty.clear();
         table = null;
+        blockClusters.clear();
     }
 
     /** Decodes entry {@code i} of a refcount block of 2^order-bit entries (sub-byte widths LSB first). */
