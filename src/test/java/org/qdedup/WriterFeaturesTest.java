@@ -82,19 +82,20 @@ class WriterFeaturesTest {
         assertThat(msg).as("one line").isNotBlank().doesNotContain("\n").doesNotContain("\tat ");
     }
 
-    /** A qemu-nbd serving {@code img} read-write on a unix socket, until closed. */
-    private final class Nbd implements AutoCloseable {
+    /** A qemu-nbd serving {@code img} read-write on a unix socket, until closed (also used by CliWriteTest). */
+    static final class Nbd implements AutoCloseable {
         final Process p;
 
-        Nbd(String img) throws Exception {
+        Nbd(Path dir, String img) throws Exception {
             Path sock = dir.resolve("nbd-" + System.nanoTime() + ".sock");
+            Path err = dir.resolve("nbd-" + System.nanoTime() + ".err");
             ProcessBuilder pb = new ProcessBuilder("qemu-nbd", "-t", "-f", "qcow2", "--socket=" + sock, img);
-            pb.redirectOutput(dir.resolve("nbd.out").toFile()).redirectError(dir.resolve("nbd.err").toFile());
+            pb.redirectOutput(ProcessBuilder.Redirect.DISCARD).redirectError(err.toFile());
             p = pb.start();
             long deadline = System.nanoTime() + TimeUnit.SECONDS.toNanos(15);
             while (!Files.exists(sock)) {
                 if (!p.isAlive()) {
-                    throw new AssertionError("qemu-nbd exited " + p.exitValue() + ": " + Files.readString(dir.resolve("nbd.err")));
+                    throw new AssertionError("qemu-nbd exited " + p.exitValue() + ": " + Files.readString(err));
                 }
                 if (System.nanoTime() > deadline) {
                     p.destroyForcibly();
@@ -166,7 +167,7 @@ class WriterFeaturesTest {
     @Test
     void openWritableIsRefusedWhileQemuNbdServesTheImage() throws Exception {
         String img = qemuImage("nbd.qcow2", "cluster_size=65536", "16M");
-        try (Nbd nbd = new Nbd(img)) {
+        try (Nbd nbd = new Nbd(dir, img)) {
             assertThat(Qemu.imgRaw(dir, "info", img).exit()).as("sanity: qemu-nbd holds the write lock").isNotZero();
             assertThatThrownBy(() -> Images.openWritable(img, OpenOptions.defaults()).close())
                     .isInstanceOf(IOException.class)

@@ -60,12 +60,6 @@ public final class Images {
     }
 
     private static Qcow2Image attachWriter(Qcow2Image q) throws IOException {
-        String name = q.name();
-        if (q.header().dirty()) {
-            q.close();
-            throw new IOException(name + ": image has the dirty bit set (lazy refcounts after a crash); repair it "
-                    + "with 'qdedup check -r all' first");
-        }
         q.writer(new Qcow2Writer(q));
         return q;
     }
@@ -214,6 +208,15 @@ public final class Images {
     private static BlockDevice openQcow2(String name, BlockFile file, OpenOptions opts, int depth, Set<Path> seen,
                                          boolean writable) throws IOException {
         Header h = readHeader(file);
+        if (writable && h.dirty()) {
+            // Not closed cleanly with lazy refcounts: rebuild the refcounts before any write (as QEMU does).
+            Check.Result r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+            if (r.corruptions > 0 || r.checkErrors > 0) {
+                throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + r.corruptions
+                        + " corruptions left); run 'qdedup check -r all' for details");
+            }
+            h = readHeader(file);
+        }
         List<Snapshot> snaps = readSnapshots(file, h);
         long l1Offset = h.l1TableOffset();
         int l1Size = h.l1Size();

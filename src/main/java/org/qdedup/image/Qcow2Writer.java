@@ -67,9 +67,20 @@ public final class Qcow2Writer {
         }
         long keep = h.autoclearFeatures() & Features.AUTOCLEAR_DATA_FILE_RAW;
         if (keep != h.autoclearFeatures()) {
-            updateHeader(h.withAutoclear(keep));
+            h = h.withAutoclear(keep);
+            updateHeader(h);
+        }
+        if (lazy()) {
+            // Refcounts may lag behind the L2 tables from now on: whoever opens the image before we close it
+            // cleanly must rebuild them (QEMU does, and so do we).
+            updateHeader(h.withIncompatible(h.incompatibleFeatures() | Features.INCOMPAT_DIRTY));
         }
         headerPrepared = true;
+    }
+
+    /** Lazy refcounts: refcount blocks are written at guest flushes and close, not before each L2 update. */
+    private boolean lazy() {
+        return header().lazyRefcounts() && header().version() == 3;
     }
 
     private void updateHeader(Header h) throws IOException {
@@ -423,19 +434,28 @@ public final class Qcow2Writer {
 
     private void maybeWriteBack() throws IOException {
         if (img.l2Cache.dirtyCount() > img.l2Cache.capacity() / 2) {
-            writeBack();
+            writeBack(!lazy());
         }
     }
 
-    /** Steps (1) and (2) of the write ordering; the caller holds the metadata lock. */
     private void writeBack() throws IOException {
+        writeBack(true);
+    }
+
+    /**
+     * Steps (1) and (2) of the write ordering; the caller holds the metadata lock. With lazy refcounts and
+     * {@code refcounts} false the refcount blocks stay in the cache (the dirty bit covers them).
+     */
+    private void writeBack(boolean refcounts) throws IOException {
         checkUsable();
         try {
             boolean l2 = img.l2Cache.dirtyCount() > 0;
             if (!rc.hasDirty() && !l2 && dirtyL1.isEmpty()) {
                 return;
             }
-            rc.writeDirty();
+            if (refcounts) {
+                rc.writeDirty();
+            }
             sync();
             for (Map.Entry<Long, long[]> d : img.l2Cache.takeDirty().entrySet()) {
                 long[] t = d.getValue();
@@ -625,10 +645,20 @@ public final class Qcow2Writer {
         failed = new IOException("metadata overlap detected");
     }
 
-    /** Flushes everything; the image stays open for reading. */
+    /** Flushes everything and, with lazy refcounts, marks the image clean again. */
     public void close() throws IOException {
         if (failed == null) {
             flush();
+            Header h = header();
+            if (h.dirty() && headerPrepared) {
+                img.meta.lock();
+                try {
+                    sync();
+                    updateHeader(h.withIncompatible(h.incompatibleFeatures() & ~Features.INCOMPAT_DIRTY));
+                } finally {
+                    img.meta.unlock();
+                }
+            }
         }
     }
 }
