@@ -11,7 +11,7 @@ import picocli.CommandLine.Command;
 @Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
         description = "QCOW2 images with online deduplication.",
         subcommands = {InfoCommand.class, MapCommand.class, CheckCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class,
-                SnapshotCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
+                SnapshotCommand.class, ResizeCommand.class, CommitCommand.class, RebaseCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
 public final class Main implements Runnable {
     @CommandLine.Spec
     CommandLine.Model.CommandSpec spec;
@@ -35,6 +35,8 @@ public final class Main implements Runnable {
         cl.setOut(ow);
         cl.setErr(ew);
         cl.setCaseInsensitiveEnumValuesAllowed(true);
+        // "resize IMG -1G": a size may start with '-'.
+        cl.getSubcommands().get("resize").setUnmatchedOptionsArePositionalParams(true);
         cl.setParameterExceptionHandler((ex, a) -> {
             ew.println("qdedup: " + ex.getMessage());
             ew.flush();

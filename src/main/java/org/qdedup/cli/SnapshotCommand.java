@@ -34,9 +34,20 @@ final class SnapshotCommand implements Callable<Integer> {
 
     @Override
     public Integer call() throws Exception {
-        if (!action.list) {
-            throw new CliException(image + ": creating, applying and deleting snapshots is not supported yet (the writer "
-                    + "is the next milestone)");
+        if (format != null && !format.equals("qcow2")) {
+            throw new CliException(image + ": this image format (" + format + ") does not support snapshots");
+        }
+        if (action.create != null) {
+            org.qdedup.image.Snapshots.create(image, action.create);
+            return 0;
+        }
+        if (action.apply != null) {
+            org.qdedup.image.Snapshots.apply(image, action.apply);
+            return 0;
+        }
+        if (action.delete != null) {
+            org.qdedup.image.Snapshots.delete(image, action.delete);
+            return 0;
         }
         try (BlockDevice dev = Images.open(image, new OpenOptions(format, forceShare, null))) {
             if (!(dev instanceof Qcow2Image q)) {

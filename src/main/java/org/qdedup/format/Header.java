@@ -59,6 +59,57 @@ public record Header(
                 autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes, extensions, backingFile);
     }
 
+    public Header withSize(long newSize) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, newSize, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes,
+                extensions, backingFile);
+    }
+
+    public Header withL1(long offset, int entries) {
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, entries, offset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes,
+                extensions, backingFile);
+    }
+
+    /** A header naming another backing file (null: none) and format (null: no backing format extension). */
+    public Header withBacking(String name, String format) {
+        List<HeaderExtension> exts = new ArrayList<>();
+        boolean placed = false;
+        for (HeaderExtension e : extensions) {
+            if (e.type() == HeaderExtension.BACKING_FORMAT) {
+                if (format != null && name != null && !placed) {
+                    exts.add(new HeaderExtension(HeaderExtension.BACKING_FORMAT, format.getBytes(StandardCharsets.UTF_8)));
+                    placed = true;
+                }
+            } else {
+                exts.add(e);
+            }
+        }
+        if (!placed && format != null && name != null) {
+            exts.add(0, new HeaderExtension(HeaderExtension.BACKING_FORMAT, format.getBytes(StandardCharsets.UTF_8)));
+        }
+        return new Header(version, name == null ? 0 : backingFileOffset, name == null ? 0
+                : name.getBytes(StandardCharsets.UTF_8).length, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes,
+                List.copyOf(exts), name);
+    }
+
+    /** Bytes the encoded header, extensions and backing file name take in the first cluster. */
+    public int encodedLength() {
+        int len = version == 3 ? headerLength : V2_LENGTH;
+        for (HeaderExtension e : extensions) {
+            len += e.encodedLength();
+        }
+        len += 8;
+        if (backingFile != null) {
+            len += backingFile.getBytes(StandardCharsets.UTF_8).length;
+        }
+        return len;
+    }
+
     public Header withAutoclear(long bits) {
         return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
                 refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
