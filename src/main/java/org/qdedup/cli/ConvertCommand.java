@@ -91,7 +91,8 @@ final class ConvertCommand implements Callable<Integer> {
                     }
                 }
             }
-            Converter.copy(source, Converter.image(target), !noCreate && target.backing() == null, p);
+            Converter.copy(source, compress ? Converter.compressed(target) : Converter.image(target),
+                    !noCreate && target.backing() == null, p);
         }
     }
 
@@ -117,9 +118,8 @@ final class ConvertCommand implements Callable<Integer> {
         if (!outFormat.equals("raw") && !outFormat.equals("qcow2")) {
             throw new CliException("unknown output format '" + outFormat + "' (expected raw or qcow2)");
         }
-        if (compress) {
-            throw new CliException(outFormat.equals("raw") ? "-c: compression is not supported for the raw output format"
-                    : "-c: compressed qcow2 output is not supported yet");
+        if (compress && outFormat.equals("raw")) {
+            throw new CliException("-c: compression is not supported for the raw output format");
         }
         Map<String, String> opts = ImageOptions.parse(options);
         if (outFormat.equals("raw") && (!opts.isEmpty() || dedup)) {

@@ -19,6 +19,48 @@ final class Compression {
         return type == Header.COMPRESSION_ZSTD ? zstd(src, srcLen, dst) : zlib(src, srcLen, dst);
     }
 
+    /**
+     * Compresses one cluster as QEMU stores it, or returns null. zlib output is raw deflate that QEMU's inflate with
+     * a 4 KiB window (windowBits -12) can read: the dictionary is reset every 4 KiB, so no match reaches further.
+     */
+    static byte[] compress(int type, byte[] src) {
+        if (type == Header.COMPRESSION_ZSTD) {
+            return com.github.luben.zstd.Zstd.compress(src, 3);
+        }
+        java.util.zip.Deflater d = new java.util.zip.Deflater(java.util.zip.Deflater.DEFAULT_COMPRESSION, true);
+        try {
+            // Output larger than the cluster is of no use: the caller then stores the cluster uncompressed.
+            byte[] out = new byte[src.length];
+            int outLen = 0;
+            for (int off = 0; off < src.length; off += 4096) {
+                d.setInput(src, off, Math.min(4096, src.length - off));
+                if (off + 4096 >= src.length) {
+                    d.finish();
+                    while (!d.finished()) {
+                        if (outLen == out.length) {
+                            return null;
+                        }
+                        outLen += d.deflate(out, outLen, out.length - outLen, java.util.zip.Deflater.NO_FLUSH);
+                    }
+                } else {
+                    int space;
+                    int n;
+                    do {
+                        space = out.length - outLen;
+                        if (space == 0) {
+                            return null;
+                        }
+                        n = d.deflate(out, outLen, space, java.util.zip.Deflater.FULL_FLUSH);
+                        outLen += n;
+                    } while (n == space);
+                }
+            }
+            return java.util.Arrays.copyOf(out, outLen);
+        } finally {
+            d.end();
+        }
+    }
+
     private static String zlib(byte[] src, int srcLen, byte[] dst) {
         Inflater inf = new Inflater(true);
         try {

@@ -303,6 +303,12 @@ public final class Qcow2Writer {
                 dataFile.write(data.duplicate(), host);
                 return;
             }
+            boolean compressedOrShared = L2Entry.isCompressed(e) || (ownedHost(e) >= 0 && !writableInPlace(e));
+            if (geo.extendedL2() && !compressedOrShared && !header().hasDataFile()) {
+                writeSubclusters(r, idx, e, b, pos, data);
+                maybeWriteBack();
+                return;
+            }
             // Build the whole cluster as the guest sees it now, then put the new bytes in.
             byte[] full = new byte[(int) cs];
             long avail = Math.min(cs, img.size() - cstart);
@@ -325,6 +331,33 @@ public final class Qcow2Writer {
         } finally {
             img.meta.unlock();
         }
+    }
+
+    /**
+     * Extended L2: allocates only the subclusters a partial write touches (reading what the guest sees for the
+     * parts of them it does not cover); the others keep falling through to the backing file or reading as zeros.
+     */
+    private void writeSubclusters(L2Ref r, int idx, long e, long bitmap, long pos, ByteBuffer data) throws IOException {
+        long cstart = geo.clusterStart(pos);
+        int inC = (int) (pos - cstart);
+        int scs = (int) geo.subclusterSize();
+        int first = inC / scs, last = (inC + data.remaining() - 1) / scs;
+        long host = ownedHost(e) >= 0 ? ownedHost(e) : allocateData(1);
+        byte[] buf = new byte[(last - first + 1) * scs];
+        long start = cstart + (long) first * scs;
+        long avail = Math.min(buf.length, img.size() - start);
+        boolean covers = inC == first * scs && data.remaining() == buf.length;
+        if (!covers) {
+            img.readLocked(ByteBuffer.wrap(buf, 0, (int) avail), start);
+        }
+        data.duplicate().get(buf, inC - first * scs, data.remaining());
+        guardData(host + (long) first * scs, buf.length);
+        dataFile.write(ByteBuffer.wrap(buf), host + (long) first * scs);
+        long nb = bitmap;
+        for (int i = first; i <= last; i++) {
+            nb = (nb | L2Entry.subAllocBit(i)) & ~L2Entry.subZeroBit(i);
+        }
+        setEntry(r, idx, newEntry(host), nb);
     }
 
     private boolean wholeRangeAllocated(long bitmap, int inC, int len) {
@@ -423,11 +456,90 @@ public final class Qcow2Writer {
             if (!keep) {
                 release(e);
             }
+            if (header().hasDataFile() && header().dataFileRaw()) {
+                // The raw data file must show the zeros too.
+                long n = Math.min(cs, img.size() - pos);
+                if (!(dataFile instanceof FileBlockFile df && df.punchHole(pos, n))) {
+                    dataFile.write(ByteBuffer.allocate((int) n), pos);
+                }
+            }
             setEntry(r, idx, ne, nb);
             maybeWriteBack();
         } finally {
             img.meta.unlock();
         }
+    }
+
+    /** Compressed data is packed byte after byte from here (0: start a new cluster); reset when frees apply. */
+    private long compressedCursor;
+
+    /**
+     * Writes one whole guest cluster compressed (convert -c); the last cluster of an image may be short and is
+     * zero-padded. Where compression saves less than a sector the cluster is written normally.
+     */
+    public void writeCompressed(ByteBuffer data, long pos) throws IOException {
+        checkRange(pos, data.remaining());
+        int len = data.remaining();
+        if (geo.offsetInCluster(pos) != 0 || (len != cs && pos + len != img.size())) {
+            throw new IOException(img.name() + ": compressed writes must cover one whole cluster (offset " + pos + ", "
+                    + len + " bytes)");
+        }
+        if (header().hasDataFile()) {
+            throw new IOException(img.name() + ": compression is not supported with an external data file");
+        }
+        byte[] raw = new byte[(int) cs];
+        data.duplicate().get(raw, 0, len);
+        byte[] comp = Compression.compress(header().compressionType(), raw);
+        if (comp == null || comp.length > cs - 512) {
+            write(data, pos);
+            return;
+        }
+        img.ioGate.readLock().lock();
+        try {
+            img.meta.lock();
+            try {
+                L2Ref r = writableL2(geo.l1Index(pos));
+                int idx = geo.l2Index(pos);
+                long old = entryAt(r, idx);
+                long host = allocateCompressedBytes(comp.length);
+                dataFile.write(ByteBuffer.wrap(comp), host);
+                release(old);
+                setEntry(r, idx, L2Entry.compressedEntry(host, comp.length, geo.clusterBits()), 0);
+                maybeWriteBack();
+            } finally {
+                img.meta.unlock();
+            }
+        } finally {
+            img.ioGate.readLock().unlock();
+        }
+        data.position(data.limit());
+    }
+
+    /**
+     * Bytes for compressed data, packed after the previous compressed cluster when they fit in its host cluster
+     * (that cluster then gains a reference), else in fresh clusters (one reference each).
+     */
+    private long allocateCompressedBytes(int len) throws IOException {
+        long cur = compressedCursor;
+        if (cur != 0 && cur % cs != 0) {
+            long room = cs - cur % cs;
+            if (len <= room) {
+                rc.add(cur / cs, 1);
+                compressedCursor = cur + len;
+                return cur;
+            }
+            // Run on into the clusters right after it when they are free, as QEMU packs compressed data.
+            int more = (int) ((len - room + cs - 1) / cs);
+            if (rc.allocateAt(cur / cs + 1, more)) {
+                rc.add(cur / cs, 1);
+                compressedCursor = cur + len;
+                return cur;
+            }
+        }
+        int n = (int) ((len + cs - 1) / cs);
+        long off = rc.allocate(n);
+        compressedCursor = off + len;
+        return off;
     }
 
     // ---- metadata write-back ---------------------------------------------------------------------------------
@@ -508,6 +620,7 @@ public final class Qcow2Writer {
         try {
             img.meta.lock();
             try {
+                compressedCursor = 0; // its cluster may be freed below and reused for other data
                 List<Long> freed = rc.applyDeferred();
                 rc.writeDirty();
                 file.flush();

@@ -388,6 +388,33 @@ public final class Refcounts {
         return runStart << clusterBits;
     }
 
+    /**
+     * Allocates the {@code n} clusters starting at {@code cluster} if all of them are free (refcount 0 or past the
+     * end of the file); returns false, changing nothing, otherwise.
+     */
+    public boolean allocateAt(long cluster, int n) throws IOException {
+        long endCluster = (file.size() + clusterSize - 1) >> clusterBits;
+        for (long k = cluster; k < cluster + n && k < endCluster; k++) {
+            if (get(k) != 0) {
+                return false;
+            }
+        }
+        extendTo((cluster + n) << clusterBits);
+        avoidStart = cluster;
+        avoidEnd = cluster + n;
+        try {
+            for (long k = cluster; k < cluster + n; k++) {
+                add(k, 1);
+            }
+        } finally {
+            avoidStart = avoidEnd = 0;
+        }
+        if (freeHint >= cluster && freeHint < cluster + n) {
+            freeHint = cluster + n;
+        }
+        return true;
+    }
+
     /** Drops every cached block (after the table was rebuilt elsewhere). */
     void invalidate() {
         blocks.clear();

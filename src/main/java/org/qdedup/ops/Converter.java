@@ -26,6 +26,11 @@ public final class Converter {
 
         /** Makes a range read as zeros (only called when the target was not fresh). */
         void zero(long pos, long len) throws IOException;
+
+        /** Zero detection granularity: blocks of this size that are all zeros are not written. */
+        default int granularity() {
+            return SPARSE;
+        }
     }
 
     /** A raw file target: zeros become holes where the file system can punch them. */
@@ -43,6 +48,40 @@ public final class Converter {
         };
     }
 
+    /** A qcow2 target written compressed, cluster by cluster. */
+    public static Target compressed(org.qdedup.image.Qcow2Image q) {
+        long cs = q.header().clusterSize();
+        return new Target() {
+            @Override
+            public void write(ByteBuffer src, long pos) throws IOException {
+                // Converter chunks are cluster-aligned; runs of non-zero blocks start on 4 KiB boundaries, so a
+                // run may begin or end inside a cluster: widen to whole clusters by reading back what is there.
+                long start = pos - pos % cs;
+                long end = Math.min(q.size(), (pos + src.remaining() + cs - 1) / cs * cs);
+                ByteBuffer whole = ByteBuffer.allocate((int) (end - start));
+                if (start != pos || end != pos + src.remaining()) {
+                    q.read(whole, start);
+                    whole.clear();
+                }
+                whole.put((int) (pos - start), src, src.position(), src.remaining());
+                for (long c = start; c < end; c += cs) {
+                    q.writer().writeCompressed(whole.slice((int) (c - start), (int) Math.min(cs, end - c)), c);
+                }
+                src.position(src.limit());
+            }
+
+            @Override
+            public void zero(long pos, long len) throws IOException {
+                q.writeZeroes(pos, len, true);
+            }
+
+            @Override
+            public int granularity() {
+                return (int) Math.min(cs, CHUNK);
+            }
+        };
+    }
+
     /** A writable image target: zeros become zero clusters. */
     public static Target image(org.qdedup.image.WritableDevice d) {
         return new Target() {
@@ -54,6 +93,12 @@ public final class Converter {
             @Override
             public void zero(long pos, long len) throws IOException {
                 d.writeZeroes(pos, len, true);
+            }
+
+            @Override
+            public int granularity() {
+                // Whole clusters: a write of part of a new cluster would read the rest back first.
+                return d instanceof org.qdedup.image.Qcow2Image q ? (int) Math.min(q.header().clusterSize(), CHUNK) : SPARSE;
             }
         };
     }
@@ -147,10 +192,11 @@ public final class Converter {
             return;
         }
         int n = buf.limit();
+        int g = target.granularity();
         int runStart = -1;
-        for (int off = 0; off < n; off += SPARSE) {
-            int blk = Math.min(SPARSE, n - off);
-            boolean zero = buf.slice(off, blk).mismatch(ZEROS.slice(0, blk)) < 0;
+        for (int off = 0; off < n; off += g) {
+            int blk = Math.min(g, n - off);
+            boolean zero = isZero(buf.slice(off, blk));
             if (!zero && runStart < 0) {
                 runStart = off;
             } else if (zero && runStart >= 0) {
@@ -161,6 +207,16 @@ public final class Converter {
         if (runStart >= 0) {
             target.write(buf.slice(runStart, n - runStart), pos + runStart);
         }
+    }
+
+    private static boolean isZero(ByteBuffer b) {
+        for (int off = 0; off < b.limit(); off += SPARSE) {
+            int n = Math.min(SPARSE, b.limit() - off);
+            if (b.slice(off, n).mismatch(ZEROS.slice(0, n)) >= 0) {
+                return false;
+            }
+        }
+        return true;
     }
 
     private static void zeroTarget(BlockFile target, long pos, long len) throws IOException {
