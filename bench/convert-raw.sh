@@ -174,21 +174,22 @@ drop_caches() {
 now() { date +%s.%N; }
 # time_one TOOL SRC DST -> prints elapsed seconds; dies if the tool fails
 time_one() {
-  local tool=$1 src=$2 dst=$3 t0 t1 rc=0 err="$BENCH_DIR/stderr.txt"
+  local tool=$1 src=$2 dst=$3 t0 t1 rc=0 err="$BENCH_DIR/stderr.txt" cpu="$BENCH_DIR/cpu.txt"
   rm -f "$dst"
   drop_caches
   t0=$(now)
   if [ "$tool" = qemu ]; then
-    "$QEMU_IMG" convert -O raw "$src" "$dst" 2>"$err" || rc=$?
+    /usr/bin/time -f '%U %S' -o "$cpu" "$QEMU_IMG" convert -O raw "$src" "$dst" 2>"$err" || rc=$?
   else
-    "$QDEDUP" convert -O raw "$src" "$dst" 2>"$err" || rc=$?
+    /usr/bin/time -f '%U %S' -o "$cpu" "$QDEDUP" convert -O raw "$src" "$dst" 2>"$err" || rc=$?
   fi
   t1=$(now)
   if [ "$rc" != 0 ]; then
     cat "$err" >&2
     die "FAILED: $tool convert -O raw $src $dst (exit $rc)"
   fi
-  python3 -c "import sys; print('%.3f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$t1"
+  # "wall,cpu" where cpu = user + sys seconds (less sensitive than wall time to other load on the machine)
+  python3 -c "import sys; u, s = map(float, open(sys.argv[3]).read().split()[-2:]); print('%.3f,%.2f' % (float(sys.argv[2]) - float(sys.argv[1]), u + s))" "$t0" "$t1" "$cpu"
 }
 
 results="$BENCH_DIR/results.txt"
@@ -204,7 +205,7 @@ for id in $IMAGES; do
       if [ "$tool" = qemu ]; then t=$(time_one qemu "$src" "$dq"); qs+=("$t")
       else t=$(time_one qdedup "$src" "$dd"); ds+=("$t"); fi
     done
-    log "$(img_desc "$id") run $r/$RUNS: qemu-img ${qs[-1]} s, qdedup ${ds[-1]} s"
+    log "$(img_desc "$id") run $r/$RUNS: wall,cpu seconds: qemu-img ${qs[-1]}, qdedup ${ds[-1]} (load $(cut -d" " -f1 /proc/loadavg))"
     if ((r == 1)); then
       if ! cmp "$dq" "$dd" >&2; then
         die "OUTPUTS DIFFER for $(img_desc "$id") ($src): kept $dq and $dd"
@@ -220,13 +221,14 @@ load_warn "after the runs"
 python3 - "$results" "$cold" "$RUNS" "$SIZE_MB" <<'PY'
 import statistics, sys
 path, cold, runs, size = sys.argv[1], sys.argv[2] == '1', sys.argv[3], sys.argv[4]
+def med(field, i): return statistics.median(float(x.split(',')[i]) for x in field.split())
 rows = []
 for line in open(path):
     name, q, d = line.rstrip('\n').split('|')
-    mq = statistics.median(map(float, q.split())); md = statistics.median(map(float, d.split()))
-    rows.append((name, mq, md, md / mq if mq else float('inf')))
+    rows.append((name, med(q, 0), med(d, 0), med(q, 1), med(d, 1)))
 print('convert -O raw, %s MiB virtual, %s runs, %s cache, medians' % (size, runs, 'cold' if cold else 'WARM'))
-print('%-22s %12s %12s %8s' % ('image', 'qemu-img s', 'qdedup s', 'ratio'))
-for n, mq, md, r in rows:
-    print('%-22s %12.3f %12.3f %8.2f%s' % (n, mq, md, r, '' if r <= 1.0 else '  (> 1.0)'))
+print('%-22s %11s %11s %7s  %11s %11s' % ('image', 'qemu-img s', 'qdedup s', 'ratio', 'qemu cpu s', 'qdedup cpu s'))
+for n, mq, md, cq, cd in rows:
+    r = md / mq if mq else float('inf')
+    print('%-22s %11.3f %11.3f %7.2f  %11.2f %11.2f%s' % (n, mq, md, r, cq, cd, '' if r <= 1.0 else '   ratio > 1.0'))
 PY

@@ -70,6 +70,7 @@ class WriterModelTest {
         }
         Qcow2Create.create(img, o);
         boolean snapshotTaken = false;
+        long l2Allocated = 0, l2Copied = 0, sharedCopied = 0;
         Qcow2Image q = Images.openWritable(img, OpenOptions.defaults());
         try {
             for (int i = 0; i < ops; i++) {
@@ -104,6 +105,7 @@ class WriterModelTest {
                 }
                 if (!snapshotTaken && i == ops / 2 && order >= 1) {
                     // Shared clusters: QEMU takes a snapshot, we copy-on-write from then on.
+                    l2Allocated += q.writer().stats().l2TablesAllocated;
                     q.close();
                     Qemu.img(dir, "snapshot", "-c", "s1", img);
                     Files.write(dir.resolve("snap.raw"), model);
@@ -112,8 +114,16 @@ class WriterModelTest {
                 }
             }
             assertRange(q, model, 0, size);
+            l2Allocated += q.writer().stats().l2TablesAllocated;
+            l2Copied += q.writer().stats().l2TablesCopied;
+            sharedCopied += q.writer().stats().sharedClustersCopied;
         } finally {
             q.close();
+        }
+        assertThat(l2Allocated).as("L2 tables allocated").isPositive();
+        if (snapshotTaken) {
+            assertThat(l2Copied).as("L2 tables shared with the snapshot copied").isPositive();
+            assertThat(sharedCopied).as("shared data clusters copied on write").isPositive();
         }
         assertClean(img, false);
         Path raw = dir.resolve("model.raw");

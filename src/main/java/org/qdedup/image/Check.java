@@ -74,8 +74,16 @@ public final class Check {
         }
         // Double-check the repaired image, quietly, and report what the repair changed.
         Result after = new Check(file, new PrintStream(PrintStream.nullOutputStream())).check(false);
-        after.corruptionsFixed = Math.max(0, before.corruptions - after.corruptions);
-        after.leaksFixed = Math.max(0, before.leaks - after.leaks);
+        if (fix == Fix.LEAKS) {
+            // The same repairs as QEMU's -r leaks, so the same numbers.
+            after.leaksFixed = c.leakFixes;
+            after.corruptionsFixed = c.copiedFixes;
+        } else {
+            // -r all mends more than QEMU does and by other means (a rebuild rather than refcount by refcount):
+            // the problems the first check found that the second no longer finds.
+            after.corruptionsFixed = Math.max(0, before.corruptions - after.corruptions);
+            after.leaksFixed = Math.max(0, before.leaks - after.leaks);
+        }
         if (after.corruptions == 0 && after.checkErrors == 0) {
             new Check(file, diag).markClean();
         }
@@ -455,19 +463,31 @@ public final class Check {
 
     // ---- repair ------------------------------------------------------------------------------------------------
 
-    /** -r leaks: lowers too-high refcounts in place; fixes COPIED only when the refcounts are then right (as QEMU). */
+    /**
+     * -r leaks: lowers too-high refcounts in place; fixes COPIED only when nothing else is then wrong. As QEMU, a
+     * refcount structure that would need rebuilding (a used cluster with refcount 0, a broken refcount block) makes
+     * it fail with nothing changed: only -r all rebuilds.
+     */
+    /** What {@code -r leaks} changed, counted as QEMU counts it: refcounts lowered, COPIED flags corrected. */
+    private long leakFixes, copiedFixes;
+
     private Result repairLeaks() throws IOException {
         Result before = check(false);
-        if (rebuild || before.checkErrors > 0) {
-            return before;
+        if (rebuild) {
+            diag.println("ERROR need to rebuild refcount structures");
+            throw new IOException("Input/output error");
         }
+        long leaksLeft = 0;
         if (before.leaks > 0) {
             res = new Result();
             compare(Fix.LEAKS);
+            leaksLeft = res.leaks;
+            leakFixes = res.leaksFixed;
         }
-        if (refcountCorruptions == 0) {
+        if (refcountCorruptions == 0 && before.checkErrors == 0 && leaksLeft == 0) {
             res = new Result();
             checkCopied(true);
+            copiedFixes = res.corruptionsFixed;
         }
         file.flush();
         return before;
@@ -505,55 +525,15 @@ public final class Check {
     private long mendStructure() throws IOException {
         load();
         long mended = 0;
-        long need = file.size();
-        long[] l1 = readEntries(h.l1TableOffset(), h.l1Size());
-        boolean l1Dirty = false;
-        int step = ext ? 2 : 1;
-        for (int i = 0; i < l1.length; i++) {
-            if (l1[i] == 0) {
-                continue;
-            }
-            if ((l1[i] & L1E_RESERVED) != 0) {
-                l1[i] &= ~L1E_RESERVED;
-                l1Dirty = true;
-                mended++;
-            }
-            long l2 = l1[i] & L2Entry.L1_OFFSET_MASK;
-            need = Math.max(need, l2 + cs);
-            long[] t = readEntries(l2, (int) (cs / 8));
-            boolean dirty = false;
-            for (int j = 0; j < t.length / step; j++) {
-                long e = t[j * step];
-                if (L2Entry.isCompressed(e)) {
-                    if ((e & L2Entry.COPIED) != 0) {
-                        t[j * step] = e & ~L2Entry.COPIED;
-                        dirty = true;
-                        mended++;
-                    }
-                    long co = L2Entry.compressedOffset(e, bits);
-                    need = Math.max(need, co + L2Entry.compressedLength(e, bits));
-                    continue;
-                }
-                if ((e & L2E_STD_RESERVED) != 0) {
-                    e &= ~L2E_STD_RESERVED;
-                    t[j * step] = e;
-                    dirty = true;
-                    mended++;
-                }
-                long off = e & L2Entry.OFFSET_MASK;
-                if (off != 0 && !h.hasDataFile()) {
-                    need = Math.max(need, off + cs);
-                }
-            }
-            if (dirty) {
-                writeTable(l2, t);
+        mendNeed = file.size();
+        mended += mendL1(h.l1TableOffset(), h.l1Size());
+        for (Snapshot s : Images.readSnapshots(file, h, true)) {
+            if ((s.l1TableOffset() & (cs - 1)) == 0 && (long) s.l1Size() <= Header.MAX_L1_BYTES / 8) {
+                mended += mendL1(s.l1TableOffset(), s.l1Size());
             }
         }
-        if (l1Dirty) {
-            writeTable(h.l1TableOffset(), l1);
-        }
-        if (need > file.size()) {
-            file.truncate((need + cs - 1) & -cs);
+        if (mendNeed > file.size()) {
+            file.truncate((mendNeed + cs - 1) & -cs);
             mended++;
         }
         List<Snapshot> snaps = Images.readSnapshots(file, h, true);
@@ -583,6 +563,88 @@ public final class Check {
             writeHeader(h.withSnapshots(keep.size(), keep.isEmpty() ? 0 : h.snapshotsOffset()));
         }
         file.flush();
+        return mended;
+    }
+
+    /** The file length that every reference seen by {@link #mendL1} needs. */
+    private long mendNeed;
+
+    /**
+     * Mends one L1 table (active or a snapshot's) and its L2 tables: reserved bits cleared, COPIED dropped from
+     * compressed entries, preallocated zero clusters at unaligned offsets made plain zero clusters (as QEMU's
+     * fix_l2_entry_by_zero). Tables at unaligned offsets are left alone: what lies there is not a table.
+     */
+    private long mendL1(long l1Offset, int l1Size) throws IOException {
+        if (l1Size == 0) {
+            return 0;
+        }
+        long mended = 0;
+        long[] l1 = readEntries(l1Offset, l1Size);
+        boolean l1Dirty = false;
+        int step = ext ? 2 : 1;
+        for (int i = 0; i < l1.length; i++) {
+            if (l1[i] == 0) {
+                continue;
+            }
+            if ((l1[i] & L1E_RESERVED) != 0) {
+                l1[i] &= ~L1E_RESERVED;
+                l1Dirty = true;
+                mended++;
+            }
+            long l2 = l1[i] & L2Entry.L1_OFFSET_MASK;
+            if ((l2 & (cs - 1)) != 0) {
+                continue;
+            }
+            mendNeed = Math.max(mendNeed, l2 + cs);
+            long[] t = readEntries(l2, (int) (cs / 8));
+            boolean dirty = false;
+            for (int j = 0; j < t.length / step; j++) {
+                long e = t[j * step];
+                if (L2Entry.isCompressed(e)) {
+                    if ((e & L2Entry.COPIED) != 0) {
+                        t[j * step] = e & ~L2Entry.COPIED;
+                        dirty = true;
+                        mended++;
+                    }
+                    long co = L2Entry.compressedOffset(e, bits);
+                    mendNeed = Math.max(mendNeed, co + L2Entry.compressedLength(e, bits));
+                    continue;
+                }
+                if ((e & L2E_STD_RESERVED) != 0) {
+                    e &= ~L2E_STD_RESERVED;
+                    t[j * step] = e;
+                    dirty = true;
+                    mended++;
+                }
+                long off = e & L2Entry.OFFSET_MASK;
+                if (off != 0 && (off & (cs - 1)) != 0) {
+                    long bitmap = ext ? t[j * step + 1] : 0;
+                    boolean data = ext ? (bitmap & L2Entry.BITMAP_ALL_ALLOC) != 0 : (e & L2Entry.ZERO) == 0;
+                    if (!data) {
+                        diag.printf("Repairing offset=%x: Preallocated cluster is not properly aligned; L2 entry corrupted.%n",
+                                off);
+                        if (ext) {
+                            t[j * step] = 0;
+                            t[j * step + 1] = bitmap & ~L2Entry.BITMAP_ALL_ALLOC;
+                        } else {
+                            t[j * step] = L2Entry.ZERO;
+                        }
+                        dirty = true;
+                        mended++;
+                        continue;
+                    }
+                }
+                if (off != 0 && !h.hasDataFile()) {
+                    mendNeed = Math.max(mendNeed, off + cs);
+                }
+            }
+            if (dirty) {
+                writeTable(l2, t);
+            }
+        }
+        if (l1Dirty) {
+            writeTable(l1Offset, l1);
+        }
         return mended;
     }
 

@@ -34,6 +34,17 @@ public final class Qcow2Writer {
     private final long cs;
     private final TreeSet<Integer> dirtyL1 = new TreeSet<>();
     private volatile IOException failed;
+    /** What the writer did, for tests and metrics. */
+    private final Stats stats = new Stats();
+
+    /** Counters of structural events. */
+    public static final class Stats {
+        public long l2TablesAllocated, l2TablesCopied, sharedClustersCopied, compressedClustersRewritten;
+    }
+
+    public Stats stats() {
+        return stats;
+    }
     private boolean headerPrepared;
 
     Qcow2Writer(Qcow2Image img) {
@@ -144,6 +155,11 @@ public final class Qcow2Writer {
             t = img.l2Table(off, l1i).clone();
         }
         long noff = rc.allocate(1);
+        if (off == 0) {
+            stats.l2TablesAllocated++;
+        } else {
+            stats.l2TablesCopied++;
+        }
         if (l2Clusters != null) {
             if (off != 0) {
                 l2Clusters.remove(off / cs);
@@ -193,6 +209,18 @@ public final class Qcow2Writer {
     /** Whether guest data may be written straight into the entry's host cluster. */
     private boolean writableInPlace(long entry) {
         return !L2Entry.isCompressed(entry) && ownedHost(entry) >= 0 && (entry & L2Entry.COPIED) != 0;
+    }
+
+    /** Counts copy-on-write of a shared or compressed cluster that new data replaced. */
+    private void countCopy(long old, boolean moved) {
+        if (!moved) {
+            return;
+        }
+        if (L2Entry.isCompressed(old)) {
+            stats.compressedClustersRewritten++;
+        } else if (ownedHost(old) >= 0 && (old & L2Entry.COPIED) == 0) {
+            stats.sharedClustersCopied++;
+        }
     }
 
     /** Queues the refcount drops for what an entry referenced, once the entry is replaced. */
@@ -273,6 +301,7 @@ public final class Qcow2Writer {
             for (i = 0; i < n; i++) {
                 long old = entryAt(r, idx0 + i);
                 long oldHost = ownedHost(old);
+                countCopy(old, oldHost != hosts[i]);
                 if (!(writableInPlace(old) && oldHost == hosts[i]) && !(header().hasDataFile() && oldHost == hosts[i])) {
                     release(old);
                 }
@@ -323,6 +352,7 @@ public final class Qcow2Writer {
             }
             guardData(host, cs);
             dataFile.write(ByteBuffer.wrap(full), host);
+            countCopy(e, !reuse);
             if (!reuse) {
                 release(e);
             }
@@ -684,43 +714,46 @@ public final class Qcow2Writer {
      */
     private void guardMetadata(long host, long len, String what) throws IOException {
         long first = host / cs, last = (host + Math.max(len, 1) - 1) / cs;
-        for (long c = first; c <= last; c++) {
-            String m = metadataAt(c);
-            if (m != null) {
-                markCorrupt();
-                throw new IOException(img.name() + ": refusing " + what + " at host offset " + host + " (" + len
-                        + " bytes): it overlaps the " + m + " at host offset " + c * cs
-                        + "; the image is now marked corrupt");
+        Header h = header();
+        // Tables that are contiguous runs of clusters: one range test each.
+        List<Object[]> tables = new ArrayList<>();
+        tables.add(new Object[]{"image header", 0L, cs});
+        tables.add(new Object[]{"active L1 table", img.l1Offset(), 8L * img.l1.length});
+        tables.add(new Object[]{"refcount table", rc.tableOffset(), (long) rc.tableClusters() * cs});
+        if (h.nbSnapshots() > 0) {
+            tables.add(new Object[]{"snapshot table", h.snapshotsOffset(), cs});
+        }
+        for (org.qdedup.format.Snapshot s : img.snapshots()) {
+            tables.add(new Object[]{"L1 table of snapshot '" + s.name() + "'", s.l1TableOffset(), 8L * s.l1Size()});
+        }
+        for (Object[] t : tables) {
+            long off = (Long) t[1], bytes = (Long) t[2];
+            if (bytes > 0 && first <= (off + bytes - 1) / cs && off / cs <= last) {
+                refuse(what, host, len, (String) t[0], Math.max(first, off / cs));
             }
         }
+        // Refcount blocks and L2 tables: one lookup per cluster.
+        for (long c = first; c <= last; c++) {
+            if (rc.isBlock(c)) {
+                refuse(what, host, len, "refcount block", c);
+            }
+            if (isActiveL2(c)) {
+                refuse(what, host, len, "active L2 table", c);
+            }
+        }
+    }
+
+    private void refuse(String what, long host, long len, String metadata, long cluster) throws IOException {
+        markCorrupt();
+        throw new IOException(img.name() + ": refusing " + what + " at host offset " + host + " (" + len
+                + " bytes): it overlaps the " + metadata + " at host offset " + cluster * cs
+                + "; the image is now marked corrupt");
     }
 
     /** Active L2 table clusters (built on first use, kept up to date by {@link #writableL2}). */
     private java.util.HashSet<Long> l2Clusters;
 
-    /** What metadata host cluster {@code c} holds, or null for none. */
-    private String metadataAt(long c) throws IOException {
-        Header h = header();
-        if (c == 0) {
-            return "image header";
-        }
-        if (inTable(c, img.l1Offset(), 8L * img.l1.length)) {
-            return "active L1 table";
-        }
-        if (inTable(c, rc.tableOffset(), (long) rc.tableClusters() * cs)) {
-            return "refcount table";
-        }
-        if (h.nbSnapshots() > 0 && c == h.snapshotsOffset() / cs) {
-            return "snapshot table";
-        }
-        for (org.qdedup.format.Snapshot s : img.snapshots()) {
-            if (inTable(c, s.l1TableOffset(), 8L * s.l1Size())) {
-                return "L1 table of snapshot '" + s.name() + "'";
-            }
-        }
-        if (rc.isBlock(c)) {
-            return "refcount block";
-        }
+    private boolean isActiveL2(long c) {
         if (l2Clusters == null) {
             l2Clusters = new java.util.HashSet<>();
             for (long e : img.l1) {
@@ -730,20 +763,16 @@ public final class Qcow2Writer {
                 }
             }
         }
-        if (l2Clusters.contains(c)) {
-            for (long e : img.l1) {
-                if ((e & L2Entry.L1_OFFSET_MASK) == c * cs) {
-                    return "active L2 table";
-                }
-            }
-            l2Clusters.remove(c); // stale
+        if (!l2Clusters.contains(c)) {
+            return false;
         }
-        return null;
-    }
-
-    /** Whether cluster {@code c} holds part of a table of {@code bytes} bytes at {@code off}. */
-    private boolean inTable(long c, long off, long bytes) {
-        return bytes > 0 && c >= off / cs && c <= (off + bytes - 1) / cs;
+        for (long e : img.l1) {
+            if ((e & L2Entry.L1_OFFSET_MASK) == c * cs) {
+                return true;
+            }
+        }
+        l2Clusters.remove(c); // stale
+        return false;
     }
 
     private void markCorrupt() {

@@ -38,11 +38,14 @@ public final class FileBlockFile implements BlockFile {
         return open(name, path, writable, lock, false);
     }
 
-    /** Opens, or with {@code create} creates (truncating), a file. */
+    /**
+     * Opens, or with {@code create} creates (truncating), a file. An existing file is truncated only once the lock
+     * is held, so creating over an image in use elsewhere fails without touching it (as qemu-img create does).
+     */
     public static FileBlockFile open(String name, Path path, boolean writable, Lock lock, boolean create) throws IOException {
         OpenOption[] opts = writable
-                ? (create ? new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE, StandardOpenOption.CREATE,
-                StandardOpenOption.TRUNCATE_EXISTING} : new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE})
+                ? (create ? new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE, StandardOpenOption.CREATE}
+                : new OpenOption[]{StandardOpenOption.READ, StandardOpenOption.WRITE})
                 : new OpenOption[]{StandardOpenOption.READ};
         FileChannel ch;
         try {
@@ -57,6 +60,9 @@ public final class FileBlockFile implements BlockFile {
             fd = NativeFs.open(path, writable);
             if (fd != null && lock != Lock.NONE) {
                 lockLikeQemu(name, fd, lock == Lock.EXCLUSIVE);
+            }
+            if (create && writable) {
+                ch.truncate(0);
             }
             return new FileBlockFile(name, path, ch, fd, writable);
         } catch (IOException | RuntimeException e) {
