@@ -304,21 +304,19 @@ class WriterFeaturesTest {
 
     @Test
     void imageWithARealBitmapIsLeftConsistentForQemu() throws Exception {
-        // QEMU's rule: once a writer that does not know bitmaps clears autoclear bit 0, QEMU treats every bitmap as
-        // inconsistent and ignores the directory (its clusters then count as leaks). No corruption, no stale bitmap.
+        // We do not maintain bitmaps: the first write clears the bitmaps bit, drops the extension and frees the
+        // bitmap clusters, so QEMU sees neither a stale bitmap nor leaked clusters.
         String img = qemuImage("bm.qcow2", "cluster_size=65536", "16M");
         Qemu.img(dir, "bitmap", "--add", img, "b0");
         Qemu.io(dir, "qcow2", img, List.of("write -P 0x01 0 64k"));
         assertThat(u64At(img, 88) & 1).as("sanity: QEMU set the bitmaps bit").isEqualTo(1);
+        assertThat(Qemu.img(dir, "info", img)).contains("b0");
         try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
             q.write(ByteBuffer.wrap(new byte[]{9, 9, 9, 9}), 1L << 20);
         }
         assertThat(u64At(img, 88) & 1).as("bitmaps bit cleared by our write").isZero();
-        Qemu.Result check = Qemu.imgRaw(dir, "check", img);
-        assertThat(check.exit()).as("qemu-img check: leaks at most: %s%s", check.out(), check.err()).isIn(0, 3);
-        assertThat(check.err()).contains("considered inconsistent");
-        assertThat(Qemu.imgRaw(dir, "check", "-r", "leaks", img).exit()).isZero();
         assertCheckClean(img);
+        assertThat(Qemu.img(dir, "info", img)).doesNotContain("b0");
         Qemu.io(dir, "qcow2", img, List.of("read -P 0x01 0 64k", "read -P 0x09 1M 4"));
     }
 

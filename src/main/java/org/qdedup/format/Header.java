@@ -110,6 +110,19 @@ public record Header(
         return len;
     }
 
+    public Header withoutExtension(long type) {
+        List<HeaderExtension> exts = new ArrayList<>();
+        for (HeaderExtension e : extensions) {
+            if (e.type() != type) {
+                exts.add(e);
+            }
+        }
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes,
+                List.copyOf(exts), backingFile);
+    }
+
     public Header withAutoclear(long bits) {
         return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
                 refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,

@@ -10,6 +10,7 @@ import org.qdedup.format.Be;
 import org.qdedup.format.Features;
 import org.qdedup.format.Geometry;
 import org.qdedup.format.Header;
+import org.qdedup.format.HeaderExtension;
 import org.qdedup.format.L2Entry;
 import org.qdedup.format.SubclusterType;
 import org.qdedup.io.BlockFile;
@@ -78,8 +79,15 @@ public final class Qcow2Writer {
         }
         long keep = h.autoclearFeatures() & Features.AUTOCLEAR_DATA_FILE_RAW;
         if (keep != h.autoclearFeatures()) {
-            h = h.withAutoclear(keep);
+            // Persistent bitmaps we would not keep up to date: drop them (their clusters are freed below), so QEMU
+            // neither trusts a stale bitmap nor finds their clusters leaked.
+            List<Long> bitmapClusters = (h.autoclearFeatures() & Features.AUTOCLEAR_BITMAPS) != 0
+                    ? Bitmaps.clusters(file, h) : List.of();
+            h = h.withAutoclear(keep).withoutExtension(HeaderExtension.BITMAPS);
             updateHeader(h);
+            for (long c : bitmapClusters) {
+                rc.deferDecrement(c);
+            }
         }
         if (lazy()) {
             // Refcounts may lag behind the L2 tables from now on: whoever opens the image before we close it
