@@ -117,13 +117,20 @@ class FormatMatrixTest {
         return ((BigDecimal) e.get(k)).longValueExact();
     }
 
-    /** qemu-img map without host offsets, adjacent records with the same flags merged (offsets differ by tool). */
+    /**
+     * qemu-img map without host offsets, adjacent records with the same flags merged (offsets differ by tool). A
+     * range that reads as zeros without data is one record whatever its "present" says: qemu-img's write-zeroes sets
+     * the zero flag on an unallocated cluster of an image without a backing file (present: true) where ours leaves it
+     * unallocated (present: false); both read zeros, and no backing file can show through either.
+     */
     static List<String> normalizedMap(Path d, String img) {
         List<String> out = new ArrayList<>();
         long curStart = -1, curLen = 0;
         String curKey = null;
         for (Map<String, Object> e : mapJson(d, img)) {
-            String key = "depth=" + e.get("depth") + " present=" + e.get("present") + " zero=" + e.get("zero") + " data=" + e.get("data");
+            boolean zeroOnly = Boolean.TRUE.equals(e.get("zero")) && !Boolean.TRUE.equals(e.get("data"));
+            String key = "depth=" + e.get("depth") + (zeroOnly ? "" : " present=" + e.get("present")) + " zero=" + e.get("zero")
+                    + " data=" + e.get("data");
             if (key.equals(curKey) && curStart + curLen == num(e, "start")) {
                 curLen += num(e, "length");
                 continue;
@@ -282,7 +289,7 @@ class FormatMatrixTest {
         }
         for (int rb = 1; rb <= 64; rb *= 2) {
             String b = rb == 4 ? "qcow2" : rb == 32 ? "raw" : null;
-            l.add(new Cfg("cs=65536 refcount_bits=" + rb + " backing=" + b, 16, 3, rb, false, null, b, rb <= 2 ? 3 : 3));
+            l.add(new Cfg("cs=65536 refcount_bits=" + rb + " backing=" + b, 16, 3, rb, false, null, b, 3));
         }
         l.add(new Cfg("extended_l2 cs=16384 backing=qcow2", 14, 3, 16, true, null, "qcow2", 2));
         l.add(new Cfg("extended_l2 cs=65536 backing=raw", 16, 3, 16, true, null, "raw", 2));
@@ -363,7 +370,8 @@ class FormatMatrixTest {
             cli("create", "-f", "qcow2", "-o", opts, img, Long.toString(size)).ok();
         }
 
-        if (c.extL2) {
+        if (c.extL2 && c.compression == null) {
+            // (A compressed cluster is all or nothing: writes into one allocate every subcluster.)
             extendedL2PartialWrites(c, img, model, cs, r);
         }
 
@@ -675,9 +683,8 @@ class FormatMatrixTest {
      * written by QEMU. Then copied, byte for byte, into the second directory.
      */
     Pair chain(String baseFmt, boolean threeDeep, long seed) throws IOException {
-        Path a = dir.resolve("qemu"), b = dir.resolve("ours");
+        Path a = dir.resolve("src");
         Files.createDirectories(a);
-        Files.createDirectories(b);
         Random r = new Random(seed);
         String base = "base." + baseFmt;
         Qemu.img(a, "create", "-f", baseFmt, base, "4M");
@@ -694,10 +701,30 @@ class FormatMatrixTest {
         }
         Qemu.img(a, "create", "-f", "qcow2", "-o", "cluster_size=65536", "-b", below, "-F", belowFmt, "top.qcow2", "5M");
         Qemu.io(a, "qcow2", "top.qcow2", qemuWrites(r, new byte[5 << 20], 30));
-        try (Stream<Path> files = Files.list(a)) {
-            for (Path f : files.toList()) {
-                Files.copy(f, b.resolve(f.getFileName()));
-            }
+        return twoCopies(a);
+    }
+
+    /**
+     * Copies every file of {@code from} into both directories of the pair in the same way (Files.copy: holes filled).
+     * The two copies then have the same bytes and the same file layout, which matters: qemu-img map reports holes of
+     * raw files, and of qcow2 files whose allocated size looks like metadata preallocation.
+     */
+    Pair twoCopies(Path from) throws IOException {
+        Path a = dir.resolve("qemu"), b = dir.resolve("ours");
+        Files.createDirectories(a);
+        Files.createDirectories(b);
+        List<Path> files;
+        try (Stream<Path> l = Files.list(from)) {
+            files = l.toList();
+        }
+        for (Path f : files) {
+            Files.copy(f, a.resolve(f.getFileName()));
+            Files.copy(f, b.resolve(f.getFileName()));
+        }
+        for (Path f : files) {
+            String n = f.getFileName().toString();
+            assertThat(Files.mismatch(a.resolve(n), b.resolve(n))).as("copies of %s", n).isEqualTo(-1);
+            assertSameMap(normalizedMap(dir, a.resolve(n).toString()), normalizedMap(dir, b.resolve(n).toString()), "copies of " + n);
         }
         return new Pair(a, b);
     }
@@ -720,9 +747,20 @@ class FormatMatrixTest {
             assertClean(dir, ob);
         }
         if (compareMap) {
-            assertThat(normalizedMap(dir, ob)).as("%s: qemu-img map (host offsets left out) after qdedup vs after qemu-img", img)
-                    .isEqualTo(normalizedMap(dir, qa));
+            assertSameMap(normalizedMap(dir, qa), normalizedMap(dir, ob), img);
         }
+    }
+
+    static void assertSameMap(List<String> qemu, List<String> ours, String what) {
+        if (qemu.equals(ours)) {
+            return;
+        }
+        int i = 0;
+        while (i < Math.min(qemu.size(), ours.size()) && qemu.get(i).equals(ours.get(i))) {
+            i++;
+        }
+        fail("%s: qemu-img map (host offsets left out) differs from record %d on:%n  after qemu-img: %s%n  after qdedup:   %s",
+                what, i, qemu.subList(i, Math.min(qemu.size(), i + 4)), ours.subList(i, Math.min(ours.size(), i + 4)));
     }
 
     void assertGuestView(String img, Path expected, String what) {
@@ -830,26 +868,37 @@ class FormatMatrixTest {
 
     static Stream<Arguments> resizeCases() {
         return Stream.of(
-                Arguments.of(9, 3, false),
-                Arguments.of(12, 2, false),
-                Arguments.of(16, 3, false),
-                Arguments.of(16, 3, true),
-                Arguments.of(21, 3, false));
+                Arguments.of(9, 3, false, false),
+                Arguments.of(12, 2, false, false),
+                Arguments.of(16, 3, false, false),
+                Arguments.of(16, 3, true, false),
+                Arguments.of(16, 3, false, true),
+                Arguments.of(14, 3, true, true),
+                Arguments.of(21, 3, false, false));
     }
 
-    @ParameterizedTest(name = "cluster_bits={0} v{1} snapshot={2}")
+    @ParameterizedTest(name = "cluster_bits={0} v{1} snapshot={2} longer backing file={3}")
     @MethodSource("resizeCases")
-    void resizeLikeQemu(int bits, int version, boolean withSnapshot) throws Exception {
+    void resizeLikeQemu(int bits, int version, boolean withSnapshot, boolean withBacking) throws Exception {
         long cs = 1L << bits;
         long size = bits == 21 ? 24L << 20 : 3L << 20;
-        Random r = new Random(SEED ^ (bits * 17L + version + (withSnapshot ? 5 : 0)));
-        Path a = dir.resolve("qemu"), b = dir.resolve("ours");
-        Files.createDirectories(a);
+        Random r = new Random(SEED ^ (bits * 17L + version + (withSnapshot ? 5 : 0) + (withBacking ? 11 : 0)));
+        Path b = dir.resolve("src");
         Files.createDirectories(b);
         String img = "r.qcow2";
         byte[] model = new byte[(int) size];
-        cli("create", "-o", "cluster_size=" + cs + ",compat=" + (version == 2 ? "0.10" : "1.1"), b.resolve(img).toString(),
-                Long.toString(size)).ok();
+        List<String> create = new ArrayList<>(List.of("create", "-o", "cluster_size=" + cs + ",compat=" + (version == 2 ? "0.10" : "1.1")));
+        if (withBacking) {
+            // A backing file longer than the image: growing must not make its data past the old end visible.
+            long bsize = 2 * size + (80L << 20);
+            Qemu.img(b, "create", "-f", "qcow2", "base.qcow2", Long.toString(bsize));
+            Qemu.io(b, "qcow2", "base.qcow2", List.of("write -P 0x66 0 " + bsize));
+            Arrays.fill(model, (byte) 0x66);
+            create.addAll(List.of("-b", "base.qcow2", "-F", "qcow2"));
+        }
+        create.add(b.resolve(img).toString());
+        create.add(Long.toString(size));
+        cli(create.toArray(String[]::new)).ok();
         try (Qcow2Image q = open(b.resolve(img).toString())) {
             randomOps(q, model, r, 150, size, cs);
             byte[] tail = new byte[(int) cs];
@@ -860,8 +909,9 @@ class FormatMatrixTest {
         if (withSnapshot) {
             cli("snapshot", "-c", "before-resize", b.resolve(img).toString()).ok();
         }
-        Files.copy(b.resolve(img), a.resolve(img));
-        Pair pr = new Pair(a, b);
+        Pair pr = twoCopies(b);
+        Path a = pr.qemu();
+        b = pr.ours();
 
         // Grow, far enough that the L1 table needs more clusters (small clusters).
         long grown = size + (bits == 21 ? 40L << 20 : 61L << 20);
@@ -899,7 +949,12 @@ class FormatMatrixTest {
             Qemu.img(dir, "convert", "-O", "raw", "-l", "snapshot.name=before-resize", pr.q(img), sa.toString());
             Qemu.img(dir, "convert", "-O", "raw", "-l", "snapshot.name=before-resize", pr.o(img), sb.toString());
             assertThat(Files.mismatch(sa, sb)).as("snapshot content after resizes: qemu-img vs ours").isEqualTo(-1);
-            assertThat(Files.mismatch(sb, writeTemp(snapModel))).as("snapshot content after resizes vs the model").isEqualTo(-1);
+            // (qemu-img convert -l gives the snapshot at the image's current virtual size; past the snapshot's own
+            // size it reads whatever lies below, the same for both images, compared above.)
+            byte[] got = Files.readAllBytes(sb);
+            assertThat(Arrays.mismatch(got, 0, snapModel.length, snapModel, 0, snapModel.length))
+                    .as("snapshot content after resizes vs the model").isEqualTo(-1);
+
         }
     }
 

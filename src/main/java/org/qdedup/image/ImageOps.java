@@ -53,7 +53,9 @@ public final class ImageOps {
     }
 
     private static void growQcow2(String image, long newSize) throws IOException {
+        long oldSize;
         try (ImageEditor ed = ImageEditor.open(image)) {
+            oldSize = ed.h.size();
             String err = Qcow2Create.validate(CreateOptions.defaults(newSize).withClusterBits(ed.bits)
                     .withExtendedL2(ed.h.extendedL2()));
             if (err != null) {
@@ -75,19 +77,32 @@ public final class ImageOps {
                 ed.giveBack();
             }
         }
+        // A backing file longer than the old size must not show through the new area (as QEMU since 5.0: the new
+        // range becomes zero clusters; v2 has none, so it gets explicit zeros, only as far as the backing file goes).
+        try (Qcow2Image q = Images.openWritable(image, OpenOptions.defaults())) {
+            BlockDevice b = q.backing();
+            if (b != null && b.size() > oldSize) {
+                long cs = q.header().clusterSize();
+                long end = q.header().version() >= 3 ? newSize : Math.min(newSize, (b.size() + cs - 1) / cs * cs);
+                q.writeZeroes(oldSize, end - oldSize, false);
+            }
+        }
     }
 
     private static void shrinkQcow2(String image, long newSize) throws IOException {
         long boundary;
         try (Qcow2Image q = Images.openWritable(image, OpenOptions.defaults())) {
-            if (!q.snapshots().isEmpty()) {
-                throw new IOException(image + ": internal snapshots prevent shrinking; delete them first");
-            }
             long cs = q.header().clusterSize();
             boundary = (newSize + cs - 1) / cs * cs;
             if (boundary > newSize) {
-                // The tail of the last cluster must read as zeros should the image grow again.
-                q.writeZeroes(newSize, Math.min(boundary, q.size()) - newSize, false);
+                // The tail of the last cluster must read as zeros should the image grow again (qemu-img 7.2 leaves
+                // the old bytes there); a tail that already reads as zeros is left alone (no allocation).
+                int n = (int) (Math.min(boundary, q.size()) - newSize);
+                byte[] tail = new byte[n];
+                q.read(ByteBuffer.wrap(tail), newSize);
+                if (!Arrays.equals(tail, new byte[n])) {
+                    q.writeZeroes(newSize, n, false);
+                }
             }
         }
         try (ImageEditor ed = ImageEditor.open(image)) {
@@ -113,16 +128,24 @@ public final class ImageOps {
                 if (first == 0) {
                     drop.add(l2 / ed.cs);
                     l1[i] = 0;
-                } else {
+                } else if (ed.rc.get(l2 / ed.cs) == 1) {
                     ed.writeTable(l2, t);
+                } else {
+                    // Shared with a snapshot: the active layer gets its own shortened copy.
+                    long copy = ed.allocateTable(ed.cs);
+                    ed.writeTable(copy, t);
+                    drop.add(l2 / ed.cs);
+                    l1[i] = copy | L2Entry.COPIED;
                 }
             }
             ed.file.flush();
             ed.writeTable(ed.h.l1TableOffset(), l1);
             ed.file.flush();
-            ed.writeHeader(ed.h.withSize(newSize).withL1(ed.h.l1TableOffset(),
-                    (int) Math.max(ed.geo.l1EntriesFor(newSize), 0)));
+            // The L1 table keeps its size (as QEMU): entries past the end are zero, and its clusters stay referenced.
+            ed.writeHeader(ed.h.withSize(newSize));
             ed.dropAll(drop);
+            ed.syncRefcounts();
+            ed.fixCopied();
             ed.giveBack();
         }
     }
