@@ -920,8 +920,10 @@ class FormatMatrixTest {
         assertSame(pr, img, "qcow2", true);
         assertContent(pr.o(img), model, "after grow");
 
-        // Shrink to a size inside a cluster that holds data.
-        long cut = (size / 2 / cs) * cs + (cs > 1024 ? 3 * 512 : 0) + 512;
+        // Shrink to a size inside a cluster that holds data; with a snapshot (and no backing file) to a cluster
+        // boundary instead, so that nothing is written first and the L2 table the snapshot shares is cut on a copy.
+        boolean alignedCut = withSnapshot && !withBacking;
+        long cut = (size / 2 / cs) * cs + (alignedCut ? 0 : (cs > 1024 ? 3 * 512 : 0) + 512);
         resizeBoth(pr, img, Long.toString(cut), true);
         model = Arrays.copyOf(model, (int) cut);
         assertSame(pr, img, "qcow2", true);

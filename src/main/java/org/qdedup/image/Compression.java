@@ -21,7 +21,7 @@ final class Compression {
 
     /**
      * Compresses one cluster as QEMU stores it, or returns null. zlib output is raw deflate that QEMU's inflate with
-     * a 4 KiB window (windowBits -12) can read: the dictionary is reset every 4 KiB, so no match reaches further.
+     * a 4 KiB window (windowBits -12) can read: no match reaches 4 KiB back (see the block loop).
      */
     static byte[] compress(int type, byte[] src) {
         if (type == Header.COMPRESSION_ZSTD) {
@@ -32,9 +32,14 @@ final class Compression {
             // Output larger than the cluster is of no use: the caller then stores the cluster uncompressed.
             byte[] out = new byte[src.length];
             int outLen = 0;
-            for (int off = 0; off < src.length; off += 4096) {
-                d.setInput(src, off, Math.min(4096, src.length - off));
-                if (off + 4096 >= src.length) {
+            // Blocks of 2 KiB, each primed with the 2 KiB before it: no match reaches back 4 KiB or more.
+            final int block = 2048;
+            for (int off = 0; off < src.length; off += block) {
+                if (off > 0) {
+                    d.setDictionary(src, off - block, block);
+                }
+                d.setInput(src, off, Math.min(block, src.length - off));
+                if (off + block >= src.length) {
                     d.finish();
                     while (!d.finished()) {
                         if (outLen == out.length) {
