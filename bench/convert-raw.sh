@@ -217,7 +217,6 @@ for id in $IMAGES; do
   echo "$(img_desc "$id")|${qs[*]}|${ds[*]}" >>"$results"
 done
 
-load_warn "after the runs"
 python3 - "$results" "$cold" "$RUNS" "$SIZE_MB" <<'PY'
 import statistics, sys
 path, cold, runs, size = sys.argv[1], sys.argv[2] == '1', sys.argv[3], sys.argv[4]
