@@ -1,7 +1,13 @@
 # Sourced by bin/qdedup and bin/test: sets QDEDUP_JAVA_HOME to a JDK >= 25 (JAVA_HOME first, then /usr/lib/jvm/*).
 qdedup_java_major() {
-  local v
-  v=$("$1/bin/java" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' | head -n1)
+  local v=""
+  # The JDK's release file says its version without starting a JVM; ask the JVM only when it is missing.
+  if [ -r "$1/release" ]; then
+    v=$(sed -n 's/^JAVA_VERSION="\([0-9]*\).*/\1/p' "$1/release" | head -n1)
+  fi
+  if [ -z "$v" ]; then
+    v=$("$1/bin/java" -XshowSettings:properties -version 2>&1 | sed -n 's/^ *java.specification.version = //p' | head -n1)
+  fi
   echo "${v%%.*}"
 }
 qdedup_find_jdk() {

@@ -119,7 +119,8 @@ public final class Converter {
      */
     public static void copy(BlockDevice src, Target target, boolean freshTarget, Progress progress) throws IOException {
         long size = src.size();
-        int threads = Math.max(1, Math.min(4, Runtime.getRuntime().availableProcessors()));
+        // More workers than cores: with a cold cache they keep several reads in flight, as qemu-img's coroutines do.
+        int threads = Integer.getInteger("qdedup.convert.threads", Math.max(4, 2 * Runtime.getRuntime().availableProcessors()));
         AtomicLong next = new AtomicLong();
         ExecutorService pool = Executors.newFixedThreadPool(threads, r -> {
             Thread t = new Thread(r, "convert");
