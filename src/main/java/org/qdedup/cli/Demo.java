@@ -8,6 +8,9 @@ import java.nio.file.Path;
 import java.util.Comparator;
 import java.util.Random;
 import java.util.stream.Stream;
+import org.qdedup.image.Images;
+import org.qdedup.image.OpenOptions;
+import org.qdedup.image.Qcow2Image;
 
 /** The demo: makes sample data in a temporary directory and runs qdedup's commands on it. */
 final class Demo {
@@ -20,14 +23,30 @@ final class Demo {
             Path raw = dir.resolve("sample.raw");
             long size = 64L << 20;
             makeSample(raw, size);
-            out.println("== sample disk: " + raw + " (" + Sizes.human(size) + ", 4 copies of one 4 MiB file, random data, holes)");
-            step(out, "info", raw.toString());
+            out.println("== sample disk: " + raw + " (" + Sizes.human(size) + ": 4 copies of one 4 MiB block, 8 MiB of random data, holes)");
             step(out, "map", raw.toString());
-            Path copy = dir.resolve("copy.raw");
+            Path img = dir.resolve("sample.qcow2");
             long t0 = System.nanoTime();
-            step(out, "convert", "-O", "raw", raw.toString(), copy.toString());
+            step(out, "convert", "-O", "qcow2", "-o", "cluster_size=4k", raw.toString(), img.toString());
             out.printf("   converted in %.3f s%n", (System.nanoTime() - t0) / 1e9);
-            step(out, "compare", raw.toString(), copy.toString());
+            step(out, "info", img.toString());
+            step(out, "check", img.toString());
+            step(out, "snapshot", "-c", "before-edit", img.toString());
+            try (Qcow2Image q = Images.openWritable(img.toString(), OpenOptions.defaults())) {
+                q.write(ByteBuffer.wrap("edited after the snapshot".getBytes(java.nio.charset.StandardCharsets.US_ASCII)), 4096 + 7);
+                q.discard(40L << 20, 8L << 20);
+            }
+            out.println("   (wrote 25 bytes at 4103 and discarded 8 MiB through the library)");
+            step(out, "snapshot", "-l", img.toString());
+            step(out, "check", img.toString());
+            step(out, "compare", raw.toString(), img.toString());
+            Path before = dir.resolve("before-edit.raw");
+            step(out, "convert", "-l", "snapshot.name=before-edit", img.toString(), before.toString());
+            step(out, "compare", raw.toString(), before.toString());
+            Path packed = dir.resolve("sample-zstd.qcow2");
+            step(out, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", raw.toString(), packed.toString());
+            out.printf("   host file: %s plain qcow2, %s compressed (the random data does not compress; dedup, still to come, "
+                    + "would store the 4 copies once)%n", Sizes.human(Files.size(img)), Sizes.human(Files.size(packed)));
             return 0;
         } finally {
             try (Stream<Path> s = Files.walk(dir)) {
@@ -39,7 +58,8 @@ final class Demo {
     private static void step(PrintStream out, String... args) {
         out.println("$ qdedup " + String.join(" ", args));
         int rc = Main.run(args, out, Context.err());
-        if (rc != 0) {
+        boolean compareDiffers = args[0].equals("compare") && rc == 1;
+        if (rc != 0 && !compareDiffers) {
             throw new CliException("demo step failed: qdedup " + String.join(" ", args) + " (exit " + rc + ")");
         }
     }

@@ -180,22 +180,13 @@ public final class Check {
         }
     }
 
-    private long[] readEntries(long offset, int count) throws IOException {
-        byte[] raw = new byte[count * 8];
-        file.readFully(ByteBuffer.wrap(raw), offset);
-        long[] t = new long[count];
-        for (int i = 0; i < count; i++) {
-            t[i] = Be.u64(raw, i * 8);
-        }
-        return t;
-    }
 
     private void checkL1(long l1Offset, int l1Size, boolean active) throws IOException {
         if (l1Size == 0) {
             return;
         }
         inc(l1Offset, l1Size * 8L);
-        long[] l1 = readEntries(l1Offset, l1Size);
+        long[] l1 = Images.readTable(file, l1Offset, l1Size);
         for (long e : l1) {
             if (e == 0) {
                 continue;
@@ -216,7 +207,7 @@ public final class Check {
 
     private void checkL2(long l2Offset, boolean active) throws IOException {
         int entries = (int) (cs / (ext ? 16 : 8));
-        long[] t = readEntries(l2Offset, (int) (cs / 8));
+        long[] t = Images.readTable(file, l2Offset, (int) (cs / 8));
         long nextContiguous = 0;
         for (int i = 0; i < entries; i++) {
             long e = t[ext ? 2 * i : i];
@@ -391,7 +382,7 @@ public final class Check {
 
     /** check_oflag_copied: COPIED must be set exactly when the stored refcount is 1 (active tables only). */
     private void checkCopied(boolean repair) throws IOException {
-        long[] l1 = readEntries(h.l1TableOffset(), h.l1Size());
+        long[] l1 = Images.readTable(file, h.l1TableOffset(), h.l1Size());
         int step = ext ? 2 : 1;
         for (int i = 0; i < l1.length; i++) {
             long l1e = l1[i];
@@ -414,7 +405,7 @@ public final class Check {
                     res.corruptions++;
                 }
             }
-            long[] t = readEntries(l2, (int) (cs / 8));
+            long[] t = Images.readTable(file, l2, (int) (cs / 8));
             boolean dirty = false;
             for (int j = 0; j < t.length / step; j++) {
                 long e = t[j * step];
@@ -442,7 +433,7 @@ public final class Check {
                 }
             }
             if (dirty) {
-                writeTable(l2, t);
+                Images.writeTable(file, l2, t);
             }
         }
     }
@@ -453,13 +444,6 @@ public final class Check {
         file.write(ByteBuffer.wrap(b), offset);
     }
 
-    private void writeTable(long offset, long[] t) throws IOException {
-        byte[] raw = new byte[t.length * 8];
-        for (int i = 0; i < t.length; i++) {
-            Be.put64(raw, i * 8, t[i]);
-        }
-        file.write(ByteBuffer.wrap(raw), offset);
-    }
 
     // ---- repair ------------------------------------------------------------------------------------------------
 
@@ -579,7 +563,7 @@ public final class Check {
             return 0;
         }
         long mended = 0;
-        long[] l1 = readEntries(l1Offset, l1Size);
+        long[] l1 = Images.readTable(file, l1Offset, l1Size);
         boolean l1Dirty = false;
         int step = ext ? 2 : 1;
         for (int i = 0; i < l1.length; i++) {
@@ -596,7 +580,7 @@ public final class Check {
                 continue;
             }
             mendNeed = Math.max(mendNeed, l2 + cs);
-            long[] t = readEntries(l2, (int) (cs / 8));
+            long[] t = Images.readTable(file, l2, (int) (cs / 8));
             boolean dirty = false;
             for (int j = 0; j < t.length / step; j++) {
                 long e = t[j * step];
@@ -639,11 +623,11 @@ public final class Check {
                 }
             }
             if (dirty) {
-                writeTable(l2, t);
+                Images.writeTable(file, l2, t);
             }
         }
         if (l1Dirty) {
-            writeTable(l1Offset, l1);
+            Images.writeTable(file, l1Offset, l1);
         }
         return mended;
     }
@@ -691,7 +675,7 @@ public final class Check {
         }
         file.truncate(total * cs);
         file.write(ByteBuffer.wrap(blocks), blocksOff);
-        writeTable(tableOff, table);
+        Images.writeTable(file, tableOff, table);
         file.flush();
         writeHeader(h.withRefcountTable(tableOff, (int) tc));
         file.flush();

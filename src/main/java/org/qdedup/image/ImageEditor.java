@@ -66,11 +66,7 @@ final class ImageEditor implements Closeable {
     }
 
     void writeTable(long offset, long[] t) throws IOException {
-        byte[] raw = new byte[t.length * 8];
-        for (int i = 0; i < t.length; i++) {
-            Be.put64(raw, i * 8, t[i]);
-        }
-        file.write(ByteBuffer.wrap(raw), offset);
+        Images.writeTable(file, offset, t);
     }
 
     void writeHeader(Header nh) throws IOException {
@@ -260,21 +256,7 @@ final class ImageEditor implements Closeable {
     /** Truncates free clusters off the end and punches holes where freed clusters were. */
     void giveBack() throws IOException {
         syncRefcounts();
-        long end = (file.size() + cs - 1) / cs;
-        long newEnd = end;
-        while (newEnd > 1 && rc.get(newEnd - 1) == 0) {
-            newEnd--;
-        }
-        if (newEnd < end) {
-            file.truncate(newEnd * cs);
-        }
-        if (file instanceof FileBlockFile f) {
-            for (long c : freed) {
-                if (c < newEnd && rc.get(c) == 0) {
-                    f.punchHole(c * cs, cs);
-                }
-            }
-        }
+        rc.giveBack(freed);
         freed.clear();
         file.flush();
     }

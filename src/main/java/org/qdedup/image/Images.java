@@ -147,6 +147,15 @@ public final class Images {
         return t;
     }
 
+    /** Writes big-endian 64-bit entries at {@code offset}. */
+    public static void writeTable(BlockFile file, long offset, long[] t) throws IOException {
+        byte[] raw = new byte[t.length * 8];
+        for (int i = 0; i < t.length; i++) {
+            Be.put64(raw, i * 8, t[i]);
+        }
+        file.write(ByteBuffer.wrap(raw), offset);
+    }
+
     /** Reads and validates the snapshot table. */
     public static List<Snapshot> readSnapshots(BlockFile file, Header h) throws IOException {
         return readSnapshots(file, h, false);

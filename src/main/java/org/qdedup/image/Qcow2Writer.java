@@ -679,31 +679,7 @@ public final class Qcow2Writer {
         for (long c : freed) {
             img.l2Cache.remove(c * cs);
         }
-        long end = (file.size() + cs - 1) / cs;
-        long newEnd = end;
-        while (newEnd > 1 && rc.get(newEnd - 1) == 0) {
-            newEnd--;
-        }
-        if (newEnd < end) {
-            file.truncate(newEnd * cs);
-        }
-        if (file instanceof FileBlockFile f) {
-            List<Long> sorted = new ArrayList<>(freed);
-            sorted.sort(null);
-            int i = 0;
-            while (i < sorted.size()) {
-                int j = i + 1;
-                while (j < sorted.size() && sorted.get(j) == sorted.get(j - 1) + 1) {
-                    j++;
-                }
-                long start = sorted.get(i);
-                long stop = Math.min(sorted.get(j - 1) + 1, newEnd);
-                if (start < stop) {
-                    f.punchHole(start * cs, (stop - start) * cs);
-                }
-                i = j;
-            }
-        }
+        rc.giveBack(freed);
     }
 
     /** Refuses a data write that would land on the image's own metadata (a corrupt mapping). */

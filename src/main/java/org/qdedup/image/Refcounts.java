@@ -415,6 +415,44 @@ public final class Refcounts {
         return true;
     }
 
+    /**
+     * Gives space back to the host: truncates clusters with refcount 0 off the end of the file and punches holes
+     * where {@code freed} clusters (refcount 0 now) lie inside it.
+     */
+    void giveBack(java.util.Collection<Long> freed) throws IOException {
+        long end = (file.size() + clusterSize - 1) >> clusterBits;
+        long newEnd = end;
+        while (newEnd > 1 && get(newEnd - 1) == 0) {
+            newEnd--;
+        }
+        if (newEnd < end) {
+            file.truncate(newEnd << clusterBits);
+        }
+        if (file instanceof org.qdedup.io.FileBlockFile f) {
+            // Only clusters still free now: one freed earlier may have been allocated again since.
+            java.util.List<Long> free = new java.util.ArrayList<>();
+            for (long c : freed) {
+                if (c < newEnd && get(c) == 0) {
+                    free.add(c);
+                }
+            }
+            long[] sorted = free.stream().mapToLong(Long::longValue).sorted().distinct().toArray();
+            int i = 0;
+            while (i < sorted.length) {
+                int j = i + 1;
+                while (j < sorted.length && sorted[j] == sorted[j - 1] + 1) {
+                    j++;
+                }
+                long start = sorted[i];
+                long stop = Math.min(sorted[j - 1] + 1, newEnd);
+                if (start < stop) {
+                    f.punchHole(start << clusterBits, (stop - start) << clusterBits);
+                }
+                i = j;
+            }
+        }
+    }
+
     /** Drops every cached block (after the table was rebuilt elsewhere). */
     void invalidate() {
         blocks.clear();
