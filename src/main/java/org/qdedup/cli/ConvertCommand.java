@@ -63,14 +63,14 @@ final class ConvertCommand implements Callable<Integer> {
     }
 
     private void toQcow2(BlockDevice source, Map<String, String> opts, Progress p) throws Exception {
-        if (dedup) {
-            throw new CliException(dst + ": deduplication is not implemented yet (the dedup issues follow the writer)");
-        }
         if (!noCreate) {
             ImageOptions.Applied a = ImageOptions.apply(opts, CreateOptions.defaults(source.size()));
-            if (Boolean.TRUE.equals(a.dedup())) {
-                throw new CliException(dst + ": deduplication is not implemented yet (the dedup issues follow the writer)");
+            boolean wantDedup = dedup || Boolean.TRUE.equals(a.dedup());
+            CreateOptions co = a.create();
+            if (wantDedup && !opts.containsKey("cluster_size")) {
+                co = co.withClusterBits(12);
             }
+            a = new ImageOptions.Applied(co, a.preallocation(), wantDedup);
             if (!a.preallocation().equals("off")) {
                 throw new CliException("preallocation=" + a.preallocation() + " is not supported yet (only off)");
             }
@@ -78,6 +78,11 @@ final class ConvertCommand implements Callable<Integer> {
                 throw new CliException("backing_file with convert is not supported yet");
             }
             Qcow2Create.create(dst, a.create().withSize(source.size()));
+            if (Boolean.TRUE.equals(a.dedup())) {
+                org.qdedup.image.ImageOps.enableDedup(dst);
+            }
+        } else if (dedup) {
+            org.qdedup.image.ImageOps.enableDedup(dst);
         }
         try (Qcow2Image target = Images.openWritable(dst, OpenOptions.defaults().withFormat("qcow2"))) {
             if (target.size() < source.size()) {
@@ -122,6 +127,9 @@ final class ConvertCommand implements Callable<Integer> {
             throw new CliException("-c: compression is not supported for the raw output format");
         }
         Map<String, String> opts = ImageOptions.parse(options);
+        if (dedup && compress) {
+            throw new CliException("--dedup and -c cannot be combined (compressed clusters are not shared)");
+        }
         if (outFormat.equals("raw") && (!opts.isEmpty() || dedup)) {
             throw new CliException("-o and --dedup need -O qcow2");
         }

@@ -71,8 +71,11 @@ final class CreateCommand implements Callable<Integer> {
             throw new CliException("-F needs a backing file (-b)");
         }
         boolean wantDedup = dedup || Boolean.TRUE.equals(a.dedup());
-        if (wantDedup) {
-            throw new CliException(image + ": deduplication is not implemented yet (the dedup issues follow the writer)");
+        if (wantDedup && !opts.containsKey("cluster_size")) {
+            o = o.withClusterBits(12); // dedup works per cluster: 4 KiB matches guest file system blocks
+        }
+        if (wantDedup && (o.dataFile() != null || o.refcountOrder() == 0)) {
+            throw new CliException(image + ": dedup needs shareable clusters: not with data_file or refcount_bits=1");
         }
         if (o.backingFile() != null) {
             if (o.backingFormat() == null) {
@@ -100,7 +103,10 @@ final class CreateCommand implements Callable<Integer> {
             throw new CliException(image + ": with 4 KiB clusters a qcow2 image holds at most 8 TiB (QEMU's 32 MiB L1 cap)");
         }
         Qcow2Create.create(image, o);
-        formatting("qcow2", qcow2Summary(o));
+        if (wantDedup) {
+            org.qdedup.image.ImageOps.enableDedup(image);
+        }
+        formatting("qcow2", qcow2Summary(o) + (wantDedup ? " dedup=on" : ""));
         return 0;
     }
 

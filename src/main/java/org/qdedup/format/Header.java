@@ -110,6 +110,21 @@ public record Header(
         return len;
     }
 
+    /** Whether qdedup's dedup extension is present (dedup stays on for the image). */
+    public boolean dedup() {
+        return extension(HeaderExtension.DEDUP) != null;
+    }
+
+    /** This header with an extension added (or replaced). */
+    public Header withExtension(HeaderExtension ext) {
+        List<HeaderExtension> exts = new ArrayList<>(withoutExtension(ext.type()).extensions());
+        exts.add(ext);
+        return new Header(version, backingFileOffset, backingFileSize, clusterBits, size, cryptMethod, l1Size, l1TableOffset,
+                refcountTableOffset, refcountTableClusters, nbSnapshots, snapshotsOffset, incompatibleFeatures,
+                compatibleFeatures, autoclearFeatures, refcountOrder, headerLength, compressionType, trailingHeaderBytes,
+                List.copyOf(exts), backingFile);
+    }
+
     public Header withoutExtension(long type) {
         List<HeaderExtension> exts = new ArrayList<>();
         for (HeaderExtension e : extensions) {

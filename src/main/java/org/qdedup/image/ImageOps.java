@@ -15,6 +15,36 @@ public final class ImageOps {
     private ImageOps() {
     }
 
+    // ---- dedup ------------------------------------------------------------------------------------------------
+
+    /**
+     * Enables online dedup on a qcow2 image: a header extension of ours records it, so every later write through
+     * qdedup shares clusters. Images with an external data file cannot share clusters and are refused.
+     */
+    public static void enableDedup(String image) throws IOException {
+        try (ImageEditor ed = ImageEditor.open(image)) {
+            if (ed.h.hasDataFile()) {
+                throw new IOException(image + ": dedup needs clusters that can be shared; images with an external data "
+                        + "file cannot share clusters");
+            }
+            if (ed.h.refcountBits() < 2) {
+                throw new IOException(image + ": dedup needs refcount_bits of at least 2 (1-bit refcounts cannot count a "
+                        + "second reference)");
+            }
+            if (!ed.h.dedup()) {
+                byte[] version = new byte[8];
+                version[7] = 1;
+                org.qdedup.format.Header nh = ed.h.withExtension(new org.qdedup.format.HeaderExtension(
+                        org.qdedup.format.HeaderExtension.DEDUP, version));
+                if (nh.encodedLength() > ed.cs) {
+                    // The feature name table is optional (QEMU leaves it out where it does not fit either).
+                    nh = nh.withoutExtension(org.qdedup.format.HeaderExtension.FEATURE_NAMES);
+                }
+                ed.writeHeader(nh);
+            }
+        }
+    }
+
     // ---- resize ------------------------------------------------------------------------------------------------
 
     /** Resizes a raw or qcow2 image; shrinking needs {@code shrink} and drops what lies past the new end. */

@@ -419,8 +419,14 @@ public final class Qcow2Image implements WritableDevice {
         }
     }
 
+    private boolean closed;
+
     @Override
     public void close() throws IOException {
+        if (closed) {
+            return;
+        }
+        closed = true;
         try {
             if (writer != null) {
                 writer.close();

@@ -6,6 +6,7 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 import java.util.TreeSet;
+import org.qdedup.dedup.Deduplicator;
 import org.qdedup.format.Be;
 import org.qdedup.format.Features;
 import org.qdedup.format.Geometry;
@@ -35,6 +36,11 @@ public final class Qcow2Writer {
     private final long cs;
     private final TreeSet<Integer> dirtyL1 = new TreeSet<>();
     private volatile IOException failed;
+    /** Online dedup, when the image has it enabled (null otherwise). */
+    private Deduplicator dedup;
+    private boolean dedupLoaded;
+    /** Shared clusters whose refcount fell back to 1: their one remaining active entry gets COPIED again. */
+    private final java.util.Set<Long> copiedFixes = new java.util.LinkedHashSet<>();
     /** What the writer did, for tests and metrics. */
     private final Stats stats = new Stats();
 
@@ -56,6 +62,26 @@ public final class Qcow2Writer {
         this.rc = img.refcounts();
         this.cs = geo.clusterSize();
         rc.onTableMoved((off, clusters) -> updateHeader(img.header().withRefcountTable(off, clusters)));
+        if (img.header().dedup() && !img.header().hasDataFile()) {
+            dedup = new Deduplicator(new Deduplicator.RefcountPort() {
+                @Override
+                public long refcount(long cluster) throws IOException {
+                    return rc.get(cluster);
+                }
+
+                @Override
+                public long maxRefcount() {
+                    return rc.maxRefcount();
+                }
+            }, 1024, 1);
+            rc.onDrop((c, v) -> {
+                if (v == 0) {
+                    dedup.freed(c);
+                } else if (v == 1) {
+                    copiedFixes.add(c);
+                }
+            });
+        }
     }
 
     private Header header() {
@@ -231,6 +257,165 @@ public final class Qcow2Writer {
         }
     }
 
+    /** {@link #release} for the entry of guest offset {@code pos}, keeping dedup's user sets exact. */
+    private void releaseFor(long entry, long pos) throws IOException {
+        if (dedup != null) {
+            long h = ownedHost(entry);
+            if (h >= 0) {
+                dedup.released(h / cs, pos / cs);
+            }
+        }
+        release(entry);
+    }
+
+    /** Builds the dedup index from the active tables the first time it is needed (a full scan, hashing data). */
+    private void loadDedupIndex() throws IOException {
+        if (dedupLoaded) {
+            return;
+        }
+        dedupLoaded = true;
+        byte[] buf = new byte[(int) cs];
+        java.util.Set<Long> seen = new java.util.HashSet<>();
+        for (int i = 0; i < img.l1.length; i++) {
+            long l2 = img.l1[i] & L2Entry.L1_OFFSET_MASK;
+            if (l2 == 0) {
+                continue;
+            }
+            long[] t = img.l2Table(l2, i);
+            for (int j = 0; j < geo.l2Entries(); j++) {
+                long e = t[j * step()];
+                long h = ownedHost(e);
+                if (L2Entry.isCompressed(e) || h < 0 || (e & L2Entry.ZERO) != 0 || (geo.extendedL2()
+                        && t[j * step() + 1] != L2Entry.BITMAP_ALL_ALLOC)) {
+                    continue;
+                }
+                long guest = (long) i * geo.l2Entries() + j;
+                if (!seen.add(h / cs)) {
+                    dedup.shared(h / cs, guest);
+                    continue;
+                }
+                dataFile.readFully(ByteBuffer.wrap(buf), h);
+                dedup.stored(Deduplicator.sha256(buf, 0, buf.length), h / cs, guest);
+            }
+        }
+    }
+
+    /**
+     * One whole guest cluster through dedup (metadata lock held): zeros become the zero flag; content already
+     * there, or shown by the backing chain, is not written; content stored elsewhere is shared (refcount + 1,
+     * COPIED off on every entry using it); anything else is written and indexed once written.
+     */
+    private void writeDeduped(long pos, byte[] data, byte[] sha) throws IOException {
+        loadDedupIndex();
+        Deduplicator.Counters n = dedup.counters();
+        long guest = pos / cs;
+        if (isZero(data)) {
+            n.zeroClusters++;
+            zeroCluster(pos, true);
+            return;
+        }
+        L2Ref r = writableL2(geo.l1Index(pos));
+        int idx = geo.l2Index(pos);
+        long e = entryAt(r, idx);
+        long host = ownedHost(e);
+        boolean plain = host >= 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0
+                && (!geo.extendedL2() || bitmapAt(r, idx) == L2Entry.BITMAP_ALL_ALLOC);
+        byte[] buf = new byte[(int) cs];
+        if (plain && dedup.indexedAs(host / cs, sha)) {
+            dataFile.readFully(ByteBuffer.wrap(buf), host);
+            if (java.util.Arrays.equals(buf, data)) {
+                n.inplaceRewrites++;
+                return; // the same content rewritten in place: nothing to do at all
+            }
+        }
+        if (host < 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0 && img.backing() != null
+                && bitmapAt(r, idx) == 0) {
+            long avail = Math.min(cs, Math.max(0, img.backing().size() - pos));
+            java.util.Arrays.fill(buf, (byte) 0);
+            if (avail > 0) {
+                img.backing().read(ByteBuffer.wrap(buf, 0, (int) avail), pos);
+            }
+            if (java.util.Arrays.equals(buf, data)) {
+                n.backingEqual++;
+                return; // the backing chain shows this already: keep falling through
+            }
+        }
+        long target = dedup.find(sha, data, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
+        if (target >= 0 && target * cs == host) {
+            n.inplaceRewrites++;
+            return;
+        }
+        if (target >= 0) {
+            n.hits++;
+            long before = rc.get(target);
+            rc.add(target, 1);
+            if (before == 1) {
+                // Shared from now on: the first user's entry must lose COPIED.
+                for (long u : dedup.users(target)) {
+                    setCopied(u, target, false);
+                }
+            }
+            dedup.shared(target, guest);
+            releaseFor(e, pos);
+            setEntry(r, idx, target * cs, allAllocBitmap());
+            return;
+        }
+        n.misses++;
+        long newHost;
+        if (plain && writableInPlace(e)) {
+            dedup.rewritten(host / cs);
+            newHost = host;
+        } else {
+            newHost = allocateData(1);
+        }
+        guardData(newHost, cs);
+        dataFile.write(ByteBuffer.wrap(data), newHost);
+        if (newHost != host) {
+            releaseFor(e, pos);
+        }
+        setEntry(r, idx, newEntry(newHost), allAllocBitmap());
+        dedup.stored(sha, newHost / cs, guest);
+    }
+
+    private static boolean isZero(byte[] b) {
+        for (byte x : b) {
+            if (x != 0) {
+                return false;
+            }
+        }
+        return true;
+    }
+
+    /** Sets or clears COPIED on the active entry of a guest cluster, if it (still) points at {@code cluster}. */
+    private void setCopied(long guestCluster, long cluster, boolean on) throws IOException {
+        long pos = guestCluster * cs;
+        int l1i = geo.l1Index(pos);
+        if (l1i >= img.l1.length) {
+            return;
+        }
+        long l1e = img.l1[l1i];
+        long l2 = l1e & L2Entry.L1_OFFSET_MASK;
+        if (l2 == 0 || (l1e & L2Entry.COPIED) == 0) {
+            return; // a table shared with a snapshot: its entries never carry COPIED for shared clusters
+        }
+        long[] t = img.l2Table(l2, l1i);
+        int k = geo.l2Index(pos) * step();
+        long e = t[k];
+        if (L2Entry.isCompressed(e) || ownedHost(e) != cluster * cs) {
+            return;
+        }
+        long ne = on ? e | L2Entry.COPIED : e & ~L2Entry.COPIED;
+        if (ne != e) {
+            t[k] = ne;
+            img.l2Cache.markDirty(l2);
+        }
+    }
+
+    /** Dedup counters (null when dedup is off). */
+    public Deduplicator.Counters dedupCounters() {
+        return dedup == null ? null : dedup.counters();
+    }
+
     /** Queues the refcount drops for what an entry referenced, once the entry is replaced. */
     private void release(long entry) throws IOException {
         if (header().hasDataFile()) {
@@ -271,6 +456,26 @@ public final class Qcow2Writer {
     /** Whole clusters inside one L2 table. */
     private void writeFullClusters(long pos, ByteBuffer data) throws IOException {
         int n = (int) (data.remaining() / cs);
+        if (dedup != null) {
+            // Hash before taking the lock, so the cores hash while another write holds it.
+            byte[][] clusters = new byte[n][];
+            byte[][] hashes = new byte[n][];
+            for (int i = 0; i < n; i++) {
+                clusters[i] = new byte[(int) cs];
+                data.slice((int) (i * cs), (int) cs).get(clusters[i]);
+                hashes[i] = Deduplicator.sha256(clusters[i], 0, (int) cs);
+            }
+            img.meta.lock();
+            try {
+                for (int i = 0; i < n; i++) {
+                    writeDeduped(pos + i * cs, clusters[i], hashes[i]);
+                }
+                maybeWriteBack();
+            } finally {
+                img.meta.unlock();
+            }
+            return;
+        }
         img.meta.lock();
         try {
             L2Ref r = writableL2(geo.l1Index(pos));
@@ -331,6 +536,16 @@ public final class Qcow2Writer {
             int idx = geo.l2Index(pos);
             long e = entryAt(r, idx);
             long b = bitmapAt(r, idx);
+            if (dedup != null) {
+                // Whole clusters only: read what the write does not cover, then dedup the cluster.
+                byte[] full = new byte[(int) cs];
+                long avail = Math.min(cs, img.size() - cstart);
+                img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
+                data.duplicate().get(full, inC, data.remaining());
+                writeDeduped(cstart, full, Deduplicator.sha256(full, 0, (int) cs));
+                maybeWriteBack();
+                return;
+            }
             SubclusterType t = L2Entry.classify(e, b, geo.extendedL2(), header().hasDataFile(), geo.subclusterIndex(pos));
             boolean plainInPlace = writableInPlace(e) && (e & L2Entry.ZERO) == 0
                     && (!geo.extendedL2() || wholeRangeAllocated(b, inC, data.remaining()));
@@ -475,7 +690,7 @@ public final class Qcow2Writer {
             L2Ref r = writableL2(l1i);
             int idx = geo.l2Index(pos);
             long e = entryAt(r, idx);
-            boolean keep = !unmap && writableInPlace(e) && !header().hasDataFile();
+            boolean keep = !unmap && writableInPlace(e) && !header().hasDataFile() && dedup == null;
             long ne, nb = 0;
             if (header().version() == 2) {
                 ne = 0;
@@ -492,7 +707,7 @@ public final class Qcow2Writer {
                 keep = true;
             }
             if (!keep) {
-                release(e);
+                releaseFor(e, pos);
             }
             if (header().hasDataFile() && header().dataFileRaw()) {
                 // The raw data file must show the zeros too.
@@ -541,7 +756,7 @@ public final class Qcow2Writer {
                 long old = entryAt(r, idx);
                 long host = allocateCompressedBytes(comp.length);
                 dataFile.write(ByteBuffer.wrap(comp), host);
-                release(old);
+                releaseFor(old, pos);
                 setEntry(r, idx, L2Entry.compressedEntry(host, comp.length, geo.clusterBits()), 0);
                 maybeWriteBack();
             } finally {
@@ -663,6 +878,19 @@ public final class Qcow2Writer {
                 rc.writeDirty();
                 file.flush();
                 giveBack(freed);
+                if (!copiedFixes.isEmpty()) {
+                    // Sharing ended: the one remaining active entry gets COPIED again (refcount is 1 on disk now).
+                    for (long c : copiedFixes) {
+                        if (rc.get(c) == 1) {
+                            for (long u : dedup.users(c)) {
+                                setCopied(u, c, true);
+                            }
+                            dedup.unshared(c);
+                        }
+                    }
+                    copiedFixes.clear();
+                    writeBack();
+                }
             } catch (IOException e) {
                 failed = e;
                 throw e;

@@ -61,6 +61,17 @@ public final class Refcounts {
         this.tableClusters = header.refcountTableClusters();
     }
 
+    /** Told of every refcount drop, by physical cluster (dedup forgets a cluster here when it reaches 0). */
+    public interface DropListener {
+        void dropped(long cluster, long refcount) throws IOException;
+    }
+
+    private DropListener listener;
+
+    void onDrop(DropListener l) {
+        this.listener = l;
+    }
+
     void onTableMoved(TableMoved cb) {
         this.onTableMoved = cb;
     }
@@ -188,8 +199,12 @@ public final class Refcounts {
         List<Long> freed = new ArrayList<>();
         for (long c : deferred) {
             add(c, -1);
-            if (get(c) == 0) {
+            long v = get(c);
+            if (v == 0) {
                 freed.add(c);
+            }
+            if (listener != null) {
+                listener.dropped(c, v);
             }
         }
         deferred.clear();

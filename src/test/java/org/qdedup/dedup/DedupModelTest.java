@@ -1,0 +1,172 @@
+package org.qdedup.dedup;
+
+import static org.assertj.core.api.Assertions.assertThat;
+
+import java.nio.ByteBuffer;
+import java.nio.file.Files;
+import java.nio.file.Path;
+import java.util.Arrays;
+import java.util.HashSet;
+import java.util.Random;
+import java.util.Set;
+import java.util.regex.Matcher;
+import java.util.regex.Pattern;
+import org.junit.jupiter.api.io.TempDir;
+import org.junit.jupiter.params.ParameterizedTest;
+import org.junit.jupiter.params.provider.CsvSource;
+import org.qdedup.image.CreateOptions;
+import org.qdedup.image.ImageOps;
+import org.qdedup.image.Images;
+import org.qdedup.image.OpenOptions;
+import org.qdedup.image.Qcow2Create;
+import org.qdedup.image.Qcow2Image;
+
+/**
+ * Random workload with heavy duplication on a dedup image: reads match the model, qemu-img check is clean, and
+ * the active layer stores each distinct non-zero cluster content exactly once.
+ */
+class DedupModelTest {
+    static final long SEED = Long.getLong("qdedup.seed", 20261125L);
+
+    @TempDir
+    Path dir;
+
+    private String qemu(String... args) throws Exception {
+        ProcessBuilder pb = new ProcessBuilder(args).directory(dir.toFile()).redirectErrorStream(true);
+        Process p = pb.start();
+        String out = new String(p.getInputStream().readAllBytes());
+        assertThat(p.waitFor()).as("%s: %s", String.join(" ", args), out).isZero();
+        return out;
+    }
+
+    @ParameterizedTest(name = "cluster_bits={0} refcount_order={1} snapshot={2}")
+    @CsvSource({"12,4,false", "12,4,true", "16,4,false", "12,1,true", "9,6,false"})
+    void sharesEachContentOnceAndStaysClean(int bits, int order, boolean snapshot) throws Exception {
+        long cs = 1L << bits;
+        long clusters = 512;
+        long size = clusters * cs;
+        Random r = new Random(SEED ^ (bits * 7L + order + (snapshot ? 100 : 0)));
+        byte[][] pool = new byte[10][(int) cs];
+        for (byte[] p : pool) {
+            r.nextBytes(p);
+        }
+        byte[] model = new byte[(int) size];
+        String img = dir.resolve("d.qcow2").toString();
+        Qcow2Create.create(img, CreateOptions.defaults(size).withClusterBits(bits).withRefcountOrder(order));
+        ImageOps.enableDedup(img);
+        Qcow2Image q = Images.openWritable(img, OpenOptions.defaults());
+        long hits = 0;
+        try {
+            for (int i = 0; i < 1500; i++) {
+                int k = r.nextInt(20);
+                long c = r.nextInt((int) clusters);
+                if (k < 12) {
+                    // whole clusters from the small pool: duplicates everywhere
+                    int n = 1 + r.nextInt(3);
+                    n = (int) Math.min(n, clusters - c);
+                    byte[] buf = new byte[(int) (n * cs)];
+                    for (int j = 0; j < n; j++) {
+                        System.arraycopy(pool[r.nextInt(pool.length)], 0, buf, (int) (j * cs), (int) cs);
+                    }
+                    q.write(ByteBuffer.wrap(buf), c * cs);
+                    System.arraycopy(buf, 0, model, (int) (c * cs), buf.length);
+                } else if (k < 15) {
+                    // small unaligned writes: read-modify-write of the cluster, then dedup of the result
+                    long off = c * cs + r.nextInt((int) cs - 8);
+                    byte[] buf = new byte[1 + r.nextInt(7)];
+                    r.nextBytes(buf);
+                    q.write(ByteBuffer.wrap(buf), off);
+                    System.arraycopy(buf, 0, model, (int) off, buf.length);
+                } else if (k < 17) {
+                    long n = Math.min(clusters - c, 1 + r.nextInt(4));
+                    q.discard(c * cs, n * cs);
+                    Arrays.fill(model, (int) (c * cs), (int) ((c + n) * cs), (byte) 0);
+                } else if (k < 18) {
+                    // zeros written as data become the zero flag
+                    long n = Math.min(clusters - c, 1 + r.nextInt(2));
+                    q.write(ByteBuffer.wrap(new byte[(int) (n * cs)]), c * cs);
+                    Arrays.fill(model, (int) (c * cs), (int) ((c + n) * cs), (byte) 0);
+                } else {
+                    q.flush();
+                }
+                if (snapshot && i == 700) {
+                    hits += q.writer().dedupCounters().hits;
+                    q.close();
+                    qemu("qemu-img", "snapshot", "-c", "s1", img);
+                    Files.write(dir.resolve("s1.raw"), model);
+                    q = Images.openWritable(img, OpenOptions.defaults());
+                }
+                if (i % 100 == 0) {
+                    ByteBuffer got = ByteBuffer.allocate((int) size);
+                    q.read(got, 0);
+                    assertThat(Arrays.mismatch(got.array(), model)).as("read after op %d", i).isEqualTo(-1);
+                }
+            }
+            hits += q.writer().dedupCounters().hits;
+        } finally {
+            q.close();
+        }
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+        Files.write(dir.resolve("model.raw"), model);
+        qemu("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, "model.raw");
+        if (snapshot) {
+            qemu("qemu-img", "convert", "-l", "snapshot.name=s1", "-O", "raw", img, "s1-out.raw");
+            assertThat(Files.mismatch(dir.resolve("s1-out.raw"), dir.resolve("s1.raw"))).isEqualTo(-1);
+        }
+        if (order == 1) {
+            assertThat(hits).as("2-bit refcounts: sharing would leave no room for a snapshot").isZero();
+            return;
+        }
+        assertThat(hits).as("dedup hits").isGreaterThan(100);
+        // Exactness: host clusters the active layer maps equal the distinct non-zero contents of the model.
+        Set<String> distinct = new HashSet<>();
+        for (long c = 0; c < clusters; c++) {
+            byte[] part = Arrays.copyOfRange(model, (int) (c * cs), (int) ((c + 1) * cs));
+            boolean zero = true;
+            for (byte b : part) {
+                zero &= b == 0;
+            }
+            if (!zero) {
+                distinct.add(Arrays.toString(Deduplicator.sha256(part, 0, part.length)));
+            }
+        }
+        Set<Long> hosts = new HashSet<>();
+        Matcher m = Pattern.compile("\"length\": (\\d+),.*\"data\": true, \"offset\": (\\d+)")
+                .matcher(qemu("qemu-img", "map", "--output=json", img));
+        while (m.find()) {
+            long len = Long.parseLong(m.group(1)), off = Long.parseLong(m.group(2));
+            for (long o = off; o < off + len; o += cs) {
+                hosts.add(o / cs);
+            }
+        }
+        assertThat(hosts).as("host clusters mapped by the active layer").hasSize(distinct.size());
+    }
+
+
+    @org.junit.jupiter.api.Test
+    void copiedFollowsSharing() throws Exception {
+        String img = dir.resolve("c.qcow2").toString();
+        Qcow2Create.create(img, CreateOptions.defaults(1 << 20).withClusterBits(12));
+        ImageOps.enableDedup(img);
+        byte[] x = new byte[4096];
+        Arrays.fill(x, (byte) 1);
+        byte[] y = new byte[4096];
+        Arrays.fill(y, (byte) 2);
+        try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(x), 0);
+            q.write(ByteBuffer.wrap(x), 8192); // shared: 1 -> 2, the first entry loses COPIED
+            q.flush();
+            assertThat(q.writer().dedupCounters().hits).isEqualTo(1);
+            q.write(ByteBuffer.wrap(y), 8192); // 2 -> 1: the entry at 0 gets COPIED back
+            q.flush();
+            q.write(ByteBuffer.wrap(x), 4096); // shared again; then the original user goes away
+            q.discard(0, 4096);
+            q.flush();
+        }
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+        qemu("qemu-io", "-c", "read -P 1 4096 4096", "-c", "read -P 2 8192 4096", "-c", "read -P 0 0 4096", img);
+        // QEMU writes in place only where COPIED says so: the last user's cluster is its own again.
+        qemu("qemu-io", "-c", "write -P 3 4096 4096", img);
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+    }
+}
