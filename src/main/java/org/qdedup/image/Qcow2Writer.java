@@ -377,13 +377,13 @@ public final class Qcow2Writer {
         dedup.stored(sha, newHost / cs, guest);
     }
 
-    private static boolean isZero(byte[] b) {
-        for (byte x : b) {
-            if (x != 0) {
-                return false;
-            }
+    private byte[] zeroCluster;
+
+    private boolean isZero(byte[] b) {
+        if (zeroCluster == null || zeroCluster.length != b.length) {
+            zeroCluster = new byte[b.length];
         }
-        return true;
+        return java.util.Arrays.mismatch(b, zeroCluster) < 0; // vectorised compare
     }
 
     /** Sets or clears COPIED on the active entry of a guest cluster, if it (still) points at {@code cluster}. */
