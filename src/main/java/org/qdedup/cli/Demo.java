@@ -52,7 +52,7 @@ final class Demo {
             step(out, "compare", raw.toString(), deduped.toString());
             long plainSize = Files.size(dir.resolve("sample.qcow2"));
             long dedupSize = Files.size(deduped);
-            out.printf("   host file: %s plain qcow2 (before the edit above), %s zstd-compressed, %s deduped in %.2f s "
+            out.printf("   host file: %s plain qcow2, %s zstd-compressed, %s deduped in %.2f s "
                     + "(the 4 copies stored once): dedup saved %d bytes, ratio %.2f%n", Sizes.human(plainSize),
                     Sizes.human(Files.size(packed)), Sizes.human(dedupSize), secs, plainSize - dedupSize,
                     (double) plainSize / dedupSize);

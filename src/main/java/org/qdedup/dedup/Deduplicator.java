@@ -74,9 +74,13 @@ public final class Deduplicator {
      * of headroom, 2-bit refcounts never share.
      */
     public boolean canShare(long cluster) throws IOException {
+        return allows(refcounts.refcount(cluster) + 1);
+    }
+
+    /** Whether a cluster may have {@code references} references and still leave the snapshot headroom. */
+    public boolean allows(long references) {
         long max = refcounts.maxRefcount();
-        long k = refcounts.refcount(cluster) + 1;
-        return max > 1 && k <= max / (1 + headroom);
+        return max > 1 && references <= max / (1 + headroom);
     }
 
     /**

@@ -305,14 +305,14 @@ public final class Qcow2Writer {
      * there, or shown by the backing chain, is not written; content stored elsewhere is shared (refcount + 1,
      * COPIED off on every entry using it); anything else is written and indexed once written.
      */
-    private void writeDeduped(long pos, byte[] data, byte[] sha) throws IOException {
+    private boolean writeDeduped(long pos, byte[] data, byte[] sha) throws IOException {
         loadDedupIndex();
         Deduplicator.Counters n = dedup.counters();
         long guest = pos / cs;
         if (isZero(data)) {
             n.zeroClusters++;
             zeroCluster(pos, true);
-            return;
+            return true;
         }
         L2Ref r = writableL2(geo.l1Index(pos));
         int idx = geo.l2Index(pos);
@@ -325,7 +325,7 @@ public final class Qcow2Writer {
             dataFile.readFully(ByteBuffer.wrap(buf), host);
             if (java.util.Arrays.equals(buf, data)) {
                 n.inplaceRewrites++;
-                return; // the same content rewritten in place: nothing to do at all
+                return true; // the same content rewritten in place: nothing to do at all
             }
         }
         if (host < 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0 && img.backing() != null
@@ -337,44 +337,56 @@ public final class Qcow2Writer {
             }
             if (java.util.Arrays.equals(buf, data)) {
                 n.backingEqual++;
-                return; // the backing chain shows this already: keep falling through
+                return true; // the backing chain shows this already: keep falling through
             }
         }
         long target = dedup.find(sha, data, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
         if (target >= 0 && target * cs == host) {
             n.inplaceRewrites++;
-            return;
+            return true;
         }
         if (target >= 0) {
-            n.hits++;
-            long before = rc.get(target);
-            rc.add(target, 1);
-            if (before == 1) {
-                // Shared from now on: the first user's entry must lose COPIED.
-                for (long u : dedup.users(target)) {
-                    setCopied(u, target, false);
-                }
-            }
-            dedup.shared(target, guest);
-            releaseFor(e, pos);
-            setEntry(r, idx, target * cs, allAllocBitmap());
-            return;
+            shareInto(r, pos, target);
+            return true;
         }
         n.misses++;
-        long newHost;
         if (plain && writableInPlace(e)) {
             dedup.rewritten(host / cs);
-            newHost = host;
-        } else {
-            newHost = allocateData(1);
+            guardData(host, cs);
+            dataFile.write(ByteBuffer.wrap(data), host);
+            setEntry(r, idx, newEntry(host), allAllocBitmap());
+            dedup.stored(sha, host / cs, guest);
+            return true;
         }
-        guardData(newHost, cs);
-        dataFile.write(ByteBuffer.wrap(data), newHost);
-        if (newHost != host) {
-            releaseFor(e, pos);
+        return false; // needs a new cluster: the caller allocates (in runs) and publishes it
+    }
+
+    private static int copiesOf(List<int[]> copies, int k) {
+        int n = 0;
+        for (int[] c : copies) {
+            if (c[1] == k) {
+                n++;
+            }
         }
-        setEntry(r, idx, newEntry(newHost), allAllocBitmap());
-        dedup.stored(sha, newHost / cs, guest);
+        return n;
+    }
+
+    /** Points the entry of guest offset {@code pos} at a cluster holding its content (one more reference). */
+    private void shareInto(L2Ref r, long pos, long target) throws IOException {
+        dedup.counters().hits++;
+        int idx = geo.l2Index(pos);
+        long e = entryAt(r, idx);
+        long before = rc.get(target);
+        rc.add(target, 1);
+        if (before == 1) {
+            // Shared from now on: the first user's entry must lose COPIED.
+            for (long u : dedup.users(target)) {
+                setCopied(u, target, false);
+            }
+        }
+        dedup.shared(target, pos / cs);
+        releaseFor(e, pos);
+        setEntry(r, idx, target * cs, allAllocBitmap());
     }
 
     private byte[] zeroCluster;
@@ -467,8 +479,43 @@ public final class Qcow2Writer {
             }
             img.meta.lock();
             try {
+                // Clusters that need new space are gathered, allocated as one run and written with one write.
+                List<Integer> fresh = new ArrayList<>();
+                java.util.Map<ByteBuffer, Integer> freshByHash = new java.util.HashMap<>();
+                List<int[]> copiesOfFresh = new ArrayList<>();
                 for (int i = 0; i < n; i++) {
-                    writeDeduped(pos + i * cs, clusters[i], hashes[i]);
+                    if (writeDeduped(pos + i * cs, clusters[i], hashes[i])) {
+                        continue;
+                    }
+                    Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
+                    if (k != null && java.util.Arrays.equals(clusters[fresh.get(k)], clusters[i])
+                            && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
+                        copiesOfFresh.add(new int[]{i, k});
+                    } else {
+                        freshByHash.put(ByteBuffer.wrap(hashes[i]), fresh.size());
+                        fresh.add(i);
+                    }
+                }
+                if (!fresh.isEmpty()) {
+                    long first = allocateData(fresh.size());
+                    byte[] run = new byte[(int) (fresh.size() * cs)];
+                    for (int j = 0; j < fresh.size(); j++) {
+                        System.arraycopy(clusters[fresh.get(j)], 0, run, (int) (j * cs), (int) cs);
+                    }
+                    guardData(first, run.length);
+                    dataFile.write(ByteBuffer.wrap(run), first);
+                    L2Ref r = writableL2(geo.l1Index(pos));
+                    for (int j = 0; j < fresh.size(); j++) {
+                        int i = fresh.get(j);
+                        long p = pos + i * cs;
+                        int idx = geo.l2Index(p);
+                        releaseFor(entryAt(r, idx), p);
+                        setEntry(r, idx, newEntry(first + j * cs), allAllocBitmap());
+                        dedup.stored(hashes[i], (first + j * cs) / cs, p / cs);
+                    }
+                    for (int[] c : copiesOfFresh) {
+                        shareInto(r, pos + c[0] * cs, (first + (long) c[1] * cs) / cs);
+                    }
                 }
                 maybeWriteBack();
             } finally {
@@ -542,7 +589,15 @@ public final class Qcow2Writer {
                 long avail = Math.min(cs, img.size() - cstart);
                 img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
                 data.duplicate().get(full, inC, data.remaining());
-                writeDeduped(cstart, full, Deduplicator.sha256(full, 0, (int) cs));
+                byte[] sha = Deduplicator.sha256(full, 0, (int) cs);
+                if (!writeDeduped(cstart, full, sha)) {
+                    long host = allocateData(1);
+                    guardData(host, cs);
+                    dataFile.write(ByteBuffer.wrap(full), host);
+                    releaseFor(entryAt(r, idx), cstart);
+                    setEntry(r, idx, newEntry(host), allAllocBitmap());
+                    dedup.stored(sha, host / cs, cstart / cs);
+                }
                 maybeWriteBack();
                 return;
             }
