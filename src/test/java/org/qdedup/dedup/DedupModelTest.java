@@ -169,4 +169,109 @@ class DedupModelTest {
         qemu("qemu-io", "-c", "write -P 3 4096 4096", img);
         assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
     }
+
+    @org.junit.jupiter.api.Test
+    void contentsSharingTheInRamKeyAreNotShared() throws Exception {
+        // Birthday search for two different 4 KiB clusters whose SHA-256 share the index's 32-bit fragment.
+        java.util.Map<Integer, Long> seen = new java.util.HashMap<>();
+        byte[] a = null, b = null;
+        for (long v = 0; a == null; v++) {
+            byte[] c = cluster(v);
+            Long prev = seen.putIfAbsent(DedupIndex.fragment(Deduplicator.sha256(c, 0, c.length)), v);
+            if (prev != null) {
+                a = cluster(prev);
+                b = c;
+            }
+        }
+        String img = dir.resolve("k.qcow2").toString();
+        Qcow2Create.create(img, CreateOptions.defaults(1 << 20).withClusterBits(12));
+        ImageOps.enableDedup(img);
+        try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(a), 0);
+            q.write(ByteBuffer.wrap(b), 4096);
+            assertThat(q.writer().dedupCounters().hits).isZero();
+            assertThat(q.writer().dedupCounters().fragmentCollisions).isEqualTo(1);
+        }
+        try (var d = Images.open(img, OpenOptions.defaults())) {
+            ByteBuffer got = ByteBuffer.allocate(8192);
+            d.read(got, 0);
+            assertThat(Arrays.copyOfRange(got.array(), 0, 4096)).isEqualTo(a);
+            assertThat(Arrays.copyOfRange(got.array(), 4096, 8192)).isEqualTo(b);
+        }
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+    }
+
+    private static byte[] cluster(long v) {
+        byte[] c = new byte[4096];
+        new Random(v).nextBytes(c);
+        return c;
+    }
+
+    @org.junit.jupiter.api.Test
+    void twoWritersStoringTheSameNewContentShareOneCluster() throws Exception {
+        String img = dir.resolve("t.qcow2").toString();
+        Qcow2Create.create(img, CreateOptions.defaults(8 << 20).withClusterBits(12));
+        ImageOps.enableDedup(img);
+        byte[] content = cluster(42);
+        try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
+            Thread[] ts = new Thread[2];
+            java.util.concurrent.atomic.AtomicReference<Throwable> err = new java.util.concurrent.atomic.AtomicReference<>();
+            java.util.concurrent.CyclicBarrier start = new java.util.concurrent.CyclicBarrier(2);
+            for (int t = 0; t < 2; t++) {
+                int base = t;
+                ts[t] = new Thread(() -> {
+                    try {
+                        start.await();
+                        for (int i = 0; i < 500; i++) {
+                            q.write(ByteBuffer.wrap(content), (long) (2 * i + base) * 4096);
+                        }
+                    } catch (Throwable e) {
+                        err.set(e);
+                    }
+                });
+                ts[t].start();
+            }
+            for (Thread t : ts) {
+                t.join();
+            }
+            assertThat(err.get()).isNull();
+        }
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+        Set<Long> hosts = new HashSet<>();
+        Matcher m = Pattern.compile("\"data\": true, \"offset\": (\\d+)").matcher(qemu("qemu-img", "map", "--output=json", img));
+        while (m.find()) {
+            hosts.add(Long.parseLong(m.group(1)));
+        }
+        assertThat(hosts).as("one host cluster for 1000 copies written by two threads").hasSize(1);
+        byte[] all = new byte[1000 * 4096];
+        for (int i = 0; i < 1000; i++) {
+            System.arraycopy(content, 0, all, i * 4096, 4096);
+        }
+        Files.write(dir.resolve("t.raw"), Arrays.copyOf(all, 8 << 20));
+        qemu("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, "t.raw");
+    }
+
+    @org.junit.jupiter.api.Test
+    void convertDedupOfQemuImages() throws Exception {
+        qemu("qemu-img", "create", "-f", "raw", "base.raw", "3M");
+        qemu("qemu-io", "-f", "raw", "-c", "write -P 1 0 1M", "base.raw");
+        qemu("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=4k", "-b", "base.raw", "-F", "raw", "mid.qcow2", "4M");
+        qemu("qemu-io", "-c", "write -P 2 512k 64k", "-c", "write -c -P 1 2M 64k", "-c", "write -z 3M 64k", "mid.qcow2");
+        qemu("qemu-img", "snapshot", "-c", "s1", "mid.qcow2");
+        qemu("qemu-io", "-c", "write -P 1 3M 128k", "mid.qcow2");
+        qemu("qemu-img", "create", "-f", "qcow2", "-o", "extended_l2=on,cluster_size=64k", "-b", "mid.qcow2", "-F", "qcow2",
+                "top.qcow2", "4M");
+        qemu("qemu-io", "-c", "write -P 1 3k 5k", "-c", "write -P 2 70k 8k", "top.qcow2");
+        for (String src : new String[]{"mid.qcow2", "top.qcow2"}) {
+            String dst = dir.resolve("dd-" + src).toString();
+            java.io.ByteArrayOutputStream err = new java.io.ByteArrayOutputStream();
+            int rc = org.qdedup.cli.Main.run(new String[]{"convert", "--dedup", "-O", "qcow2", dir.resolve(src).toString(), dst},
+                    new java.io.PrintStream(new java.io.ByteArrayOutputStream()), new java.io.PrintStream(err));
+            assertThat(rc).as("convert --dedup %s: %s", src, err).isZero();
+            assertThat(qemu("qemu-img", "check", dst)).contains("No errors were found");
+            qemu("qemu-img", "compare", dir.resolve(src).toString(), dst);
+            // 1 MiB of pattern 1 from the backing file and the other copies of it become one cluster.
+            assertThat(Files.size(Path.of(dst))).isLessThan(1L << 20);
+        }
+    }
 }
