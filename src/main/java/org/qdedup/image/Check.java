@@ -683,8 +683,7 @@ public final class Check {
     }
 
     private void writeHeader(Header nh) throws IOException {
-        byte[] enc = nh.encode();
-        file.write(ByteBuffer.wrap(enc, 0, (int) Math.min(enc.length, cs)), 0);
+        Images.writeHeader(file, nh);
         h = nh;
     }
 

@@ -70,12 +70,7 @@ final class ImageEditor implements Closeable {
     }
 
     void writeHeader(Header nh) throws IOException {
-        if (nh.encodedLength() > cs) {
-            throw new IOException(file.name() + ": header, extensions and backing file name (" + nh.encodedLength()
-                    + " bytes) do not fit in one " + cs + "-byte cluster");
-        }
-        byte[] enc = nh.encode();
-        file.write(ByteBuffer.wrap(enc, 0, (int) cs), 0);
+        Images.writeHeader(file, nh);
         file.flush();
         h = nh;
     }

@@ -37,7 +37,7 @@ public final class Images {
         if (opts.snapshotName() != null) {
             throw new IOException(name + ": a snapshot cannot be opened for writing");
         }
-        BlockDevice d = open(name, Path.of(name), opts.withFormat(opts.format() == null ? null : opts.format()), 0,
+        BlockDevice d = open(name, Path.of(name), opts, 0,
                 new HashSet<>(), true);
         if (!(d instanceof Qcow2Image q)) {
             d.close();
@@ -145,6 +145,15 @@ public final class Images {
             t[i] = Be.u64(raw, i * 8);
         }
         return t;
+    }
+
+    /** Writes a header (with its extensions and backing file name) over the first cluster; the caller syncs. */
+    public static void writeHeader(BlockFile file, Header h) throws IOException {
+        if (h.encodedLength() > h.clusterSize()) {
+            throw new IOException(file.name() + ": header, extensions and backing file name (" + h.encodedLength()
+                    + " bytes) do not fit in one " + h.clusterSize() + "-byte cluster");
+        }
+        file.write(ByteBuffer.wrap(h.encode()), 0);
     }
 
     /** Writes big-endian 64-bit entries at {@code offset}. */

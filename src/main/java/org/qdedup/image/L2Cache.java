@@ -59,8 +59,4 @@ final class L2Cache {
         return capacity;
     }
 
-    synchronized void clear() {
-        tables.clear();
-        dirty.clear();
-    }
 }

@@ -150,7 +150,7 @@ public final class Qcow2Create {
                 incompat, compat, autoclear, o.version() == 3 ? o.refcountOrder() : 4,
                 o.version() == 3 ? Header.V3_LENGTH : Header.V2_LENGTH, o.compressionType(), new byte[0], exts, o.backingFile());
         byte[] hdr = h.encode();
-        int used = usedLength(h);
+        int used = h.encodedLength();
         if (used > cs) {
             throw new IOException(f.name() + ": header, extensions and backing file name (" + used
                     + " bytes) do not fit in one " + cs + "-byte cluster");
@@ -171,17 +171,6 @@ public final class Qcow2Create {
         f.write(ByteBuffer.wrap(new byte[(int) (l1Clusters * cs)]), l1Off);
     }
 
-    private static int usedLength(Header h) {
-        int len = h.version() == 3 ? h.headerLength() : Header.V2_LENGTH;
-        for (HeaderExtension e : h.extensions()) {
-            len += e.encodedLength();
-        }
-        len += 8;
-        if (h.backingFile() != null) {
-            len += h.backingFile().getBytes(StandardCharsets.UTF_8).length;
-        }
-        return len;
-    }
 
     /** The feature name table QEMU writes: (type, bit, 46-byte name) rows. */
     private static byte[] featureNames() {

@@ -129,8 +129,7 @@ public final class Qcow2Writer {
     }
 
     private void updateHeader(Header h) throws IOException {
-        byte[] enc = h.encode();
-        file.write(ByteBuffer.wrap(enc, 0, (int) Math.min(enc.length, cs)), 0);
+        Images.writeHeader(file, h);
         file.flush();
         img.header(h);
     }
@@ -371,6 +370,14 @@ public final class Qcow2Writer {
         return n;
     }
 
+    /** Publishes a newly written (dedup) cluster for guest offset {@code pos} and indexes it. */
+    private void publishFresh(L2Ref r, long pos, long host, byte[] sha) throws IOException {
+        int idx = geo.l2Index(pos);
+        releaseFor(entryAt(r, idx), pos);
+        setEntry(r, idx, newEntry(host), allAllocBitmap());
+        dedup.stored(sha, host / cs, pos / cs);
+    }
+
     /** Points the entry of guest offset {@code pos} at a cluster holding its content (one more reference). */
     private void shareInto(L2Ref r, long pos, long target) throws IOException {
         dedup.counters().hits++;
@@ -507,11 +514,7 @@ public final class Qcow2Writer {
                     L2Ref r = writableL2(geo.l1Index(pos));
                     for (int j = 0; j < fresh.size(); j++) {
                         int i = fresh.get(j);
-                        long p = pos + i * cs;
-                        int idx = geo.l2Index(p);
-                        releaseFor(entryAt(r, idx), p);
-                        setEntry(r, idx, newEntry(first + j * cs), allAllocBitmap());
-                        dedup.stored(hashes[i], (first + j * cs) / cs, p / cs);
+                        publishFresh(r, pos + i * cs, first + j * cs, hashes[i]);
                     }
                     for (int[] c : copiesOfFresh) {
                         shareInto(r, pos + c[0] * cs, (first + (long) c[1] * cs) / cs);
@@ -594,9 +597,7 @@ public final class Qcow2Writer {
                     long host = allocateData(1);
                     guardData(host, cs);
                     dataFile.write(ByteBuffer.wrap(full), host);
-                    releaseFor(entryAt(r, idx), cstart);
-                    setEntry(r, idx, newEntry(host), allAllocBitmap());
-                    dedup.stored(sha, host / cs, cstart / cs);
+                    publishFresh(r, cstart, host, sha);
                 }
                 maybeWriteBack();
                 return;
@@ -858,20 +859,20 @@ public final class Qcow2Writer {
         }
     }
 
-    private void writeBack() throws IOException {
-        writeBack(true);
+    private boolean writeBack() throws IOException {
+        return writeBack(true);
     }
 
     /**
      * Steps (1) and (2) of the write ordering; the caller holds the metadata lock. With lazy refcounts and
      * {@code refcounts} false the refcount blocks stay in the cache (the dirty bit covers them).
      */
-    private void writeBack(boolean refcounts) throws IOException {
+    private boolean writeBack(boolean refcounts) throws IOException {
         checkUsable();
         try {
             boolean l2 = img.l2Cache.dirtyCount() > 0;
             if (!rc.hasDirty() && !l2 && dirtyL1.isEmpty()) {
-                return;
+                return false;
             }
             if (refcounts) {
                 rc.writeDirty();
@@ -895,6 +896,7 @@ public final class Qcow2Writer {
                 dirtyL1.clear();
             }
             file.flush();
+            return true;
         } catch (IOException e) {
             failed = e;
             throw e;
@@ -916,8 +918,9 @@ public final class Qcow2Writer {
         checkUsable();
         img.meta.lock();
         try {
-            writeBack();
-            sync();
+            if (!writeBack()) {
+                sync(); // in-place data writes only: nothing else synced them
+            }
         } finally {
             img.meta.unlock();
         }

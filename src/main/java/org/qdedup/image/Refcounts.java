@@ -80,9 +80,6 @@ public final class Refcounts {
         return maxRefcount;
     }
 
-    public long entriesPerBlock() {
-        return perBlock;
-    }
 
     public long tableOffset() {
         return tableOffset;
@@ -468,13 +465,6 @@ public final class Refcounts {
         }
     }
 
-    /** Drops every cached block (after the table was rebuilt elsewhere). */
-    void invalidate() {
-        blocks.clear();
-        dirty.clear();
-        table = null;
-        blockClusters.clear();
-    }
 
     /** Decodes entry {@code i} of a refcount block of 2^order-bit entries (sub-byte widths LSB first). */
     static long entry(byte[] block, int i, int order) {
