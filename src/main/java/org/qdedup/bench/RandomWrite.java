@@ -1,5 +1,6 @@
 package org.qdedup.bench;
 
+import org.qdedup.io.Buffers;
 import java.nio.ByteBuffer;
 import java.nio.file.Files;
 import java.nio.file.Path;
@@ -41,7 +42,7 @@ public final class RandomWrite {
                     ts[t] = new Thread(() -> {
                         // Same offsets in both phases: the second one rewrites clusters the first allocated.
                         SplittableRandom r = new SplittableRandom(seed);
-                        ByteBuffer buf = ByteBuffer.allocateDirect(4096);
+                        ByteBuffer buf = Buffers.direct(4096);
                         byte[] junk = new byte[4096];
                         new Random(seed).nextBytes(junk);
                         buf.put(junk).flip();

@@ -34,6 +34,9 @@ final class ConvertCommand implements Callable<Integer> {
     @Option(names = "-t", paramLabel = "CACHE", description = "Target cache mode: unsafe (default, no final flush), "
             + "writeback, writethrough, none, directsync.")
     String cache = "unsafe";
+
+    /** With a final flush, write-back starts after every this many bytes, so the disk works during the copy. */
+    private static final long WRITE_BEHIND = 32L << 20;
     @Option(names = "-l", paramLabel = "snapshot.name=NAME", description = "Convert an internal snapshot of the source.")
     String snapshot;
     @Option(names = {"-U", "--force-share"}, description = "Open the source without taking its lock.")
@@ -54,6 +57,9 @@ final class ConvertCommand implements Callable<Integer> {
                 }
             } else {
                 target.truncate(source.size());
+            }
+            if (!cache.equals("unsafe") && target instanceof FileBlockFile ff) {
+                ff.writeBehind(WRITE_BEHIND);
             }
             Converter.copy(source, Converter.raw(target), !noCreate, p);
             if (!cache.equals("unsafe")) {
@@ -89,10 +95,12 @@ final class ConvertCommand implements Callable<Integer> {
                 throw new CliException(dst + ": target is smaller (" + target.size() + " bytes) than the source ("
                         + source.size() + " bytes)");
             }
-            if (cache.equals("unsafe")) {
-                for (var f : new org.qdedup.io.BlockFile[]{target.file(), target.dataFile()}) {
-                    if (f instanceof FileBlockFile ff) {
+            for (var f : new org.qdedup.io.BlockFile[]{target.file(), target.dataFile()}) {
+                if (f instanceof FileBlockFile ff) {
+                    if (cache.equals("unsafe")) {
                         ff.disableSync(true);
+                    } else {
+                        ff.writeBehind(WRITE_BEHIND);
                     }
                 }
             }

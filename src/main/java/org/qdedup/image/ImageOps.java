@@ -1,5 +1,6 @@
 package org.qdedup.image;
 
+import org.qdedup.io.Buffers;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.nio.file.Files;
@@ -262,7 +263,7 @@ public final class ImageOps {
 
     /** Copies every range some layer above {@code baseDepth} holds into the sink. */
     private static void copyAbove(BlockDevice top, int baseDepth, org.qdedup.ops.Converter.Target sink) throws IOException {
-        ByteBuffer buf = ByteBuffer.allocateDirect(1 << 20);
+        ByteBuffer buf = Buffers.direct(1 << 20);
         long size = top.size();
         for (long pos = 0; pos < size; ) {
             ChainStatus.Entry e = ChainStatus.entry(top, pos, Math.min(1 << 20, size - pos));

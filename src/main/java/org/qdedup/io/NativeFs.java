@@ -30,7 +30,7 @@ public final class NativeFs {
     private static final long ST_BLOCKS_OFFSET = 64;
     private static final long STAT_SIZE = 256;
 
-    private static final MethodHandle OPEN, CLOSE, LSEEK, FSTAT, FALLOCATE, FCNTL;
+    private static final MethodHandle OPEN, CLOSE, LSEEK, FSTAT, FALLOCATE, FCNTL, SYNC_FILE_RANGE;
     private static final StructLayout CAPTURE = Linker.Option.captureStateLayout();
     private static final VarHandle ERRNO = CAPTURE.varHandle(MemoryLayout.PathElement.groupElement("errno"));
     private static final boolean AVAILABLE;
@@ -38,11 +38,12 @@ public final class NativeFs {
     private static final int F_OFD_SETLK = 37;
     private static final short F_RDLCK = 0, F_WRLCK = 1, F_UNLCK = 2;
     private static final int EAGAIN = 11, EACCES = 13;
+    private static final int SYNC_FILE_RANGE_WRITE = 2;
     /** struct flock on 64-bit Linux: l_type, l_whence (shorts), l_start, l_len, l_pid; 32 bytes. */
     private static final long FLOCK_SIZE = 32;
 
     static {
-        MethodHandle open = null, close = null, lseek = null, fstat = null, fallocate = null, fcntl = null;
+        MethodHandle open = null, close = null, lseek = null, fstat = null, fallocate = null, fcntl = null, syncRange = null;
         boolean ok = false;
         try {
             if (System.getProperty("os.name", "").toLowerCase().contains("linux")) {
@@ -64,6 +65,9 @@ public final class NativeFs {
                 fcntl = linker.downcallHandle(libc.find("fcntl").orElseThrow(),
                         FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.ADDRESS),
                         errno, Linker.Option.firstVariadicArg(2));
+                syncRange = linker.downcallHandle(libc.find("sync_file_range").orElseThrow(),
+                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_LONG,
+                                ValueLayout.JAVA_LONG, ValueLayout.JAVA_INT));
                 ok = true;
             }
         } catch (Throwable t) {
@@ -75,6 +79,7 @@ public final class NativeFs {
         FSTAT = fstat;
         FALLOCATE = fallocate;
         FCNTL = fcntl;
+        SYNC_FILE_RANGE = syncRange;
         AVAILABLE = ok;
     }
 
@@ -163,6 +168,19 @@ public final class NativeFs {
                 throw e;
             } catch (Throwable t) {
                 throw new IOException(name + ": fallocate failed: " + t, t);
+            }
+        }
+
+        /**
+         * Starts write-back of the dirty pages in a range without waiting for it (sync_file_range
+         * SYNC_FILE_RANGE_WRITE; length 0 means to the end of the file). A hint only: durability still comes from
+         * fsync, which also reports any error this write-back meets.
+         */
+        public void startWriteback(long offset, long length) {
+            try {
+                int ignored = (int) SYNC_FILE_RANGE.invokeExact(fd, offset, length, SYNC_FILE_RANGE_WRITE);
+            } catch (Throwable t) {
+                // a hint: the final fsync does the real work
             }
         }
 

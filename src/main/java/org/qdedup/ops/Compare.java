@@ -1,5 +1,6 @@
 package org.qdedup.ops;
 
+import org.qdedup.io.Buffers;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import org.qdedup.image.BlockDevice;
@@ -21,7 +22,7 @@ public final class Compare {
             return new Result(false, -1, true);
         }
         long common = Math.min(a.size(), b.size());
-        ByteBuffer ba = ByteBuffer.allocateDirect(CHUNK), bb = ByteBuffer.allocateDirect(CHUNK);
+        ByteBuffer ba = Buffers.direct(CHUNK), bb = org.qdedup.io.Buffers.direct(CHUNK);
         for (long pos = 0; pos < common; ) {
             int n = (int) Math.min(CHUNK, common - pos);
             ChainStatus.Entry ea = ChainStatus.entry(a, pos, n);
@@ -51,8 +52,8 @@ public final class Compare {
 
     /** First non-zero byte offset of a device range, or -1. */
     public static long firstNonZero(BlockDevice d, long from, long to) throws IOException {
-        ByteBuffer buf = ByteBuffer.allocateDirect(CHUNK);
-        ByteBuffer zeros = ByteBuffer.allocateDirect(CHUNK);
+        ByteBuffer buf = Buffers.direct(CHUNK);
+        ByteBuffer zeros = Buffers.direct(CHUNK);
         for (long pos = from; pos < to; ) {
             ChainStatus.Entry e = ChainStatus.entry(d, pos, Math.min(CHUNK, to - pos));
             if (e.zero() && !e.data()) {

@@ -1,5 +1,6 @@
 package org.qdedup.ops;
 
+import org.qdedup.io.Buffers;
 import java.io.IOException;
 import java.nio.ByteBuffer;
 import java.util.ArrayList;
@@ -35,10 +36,18 @@ public final class Converter {
 
     /** A raw file target: zeros become holes where the file system can punch them. */
     public static Target raw(BlockFile f) {
+        // One writer at a time: parallel writes to one file spin on its inode lock in the kernel and burn the CPU the
+        // readers and zero detection need, as qemu-img's in-order writes do not.
+        var writeLock = new java.util.concurrent.locks.ReentrantLock();
         return new Target() {
             @Override
             public void write(ByteBuffer src, long pos) throws IOException {
-                f.write(src, pos);
+                writeLock.lock();
+                try {
+                    f.write(src, pos);
+                } finally {
+                    writeLock.unlock();
+                }
             }
 
             @Override
@@ -107,7 +116,7 @@ public final class Converter {
     static final int CHUNK = 2 << 20;
     /** Zero-detection granularity, qemu-img's default -S 4k. */
     static final int SPARSE = 4096;
-    private static final ByteBuffer ZEROS = ByteBuffer.allocateDirect(SPARSE);
+    private static final ByteBuffer ZEROS = Buffers.direct(SPARSE);
 
     private Converter() {
     }
@@ -131,7 +140,7 @@ public final class Converter {
             List<Future<?>> fs = new ArrayList<>();
             for (int i = 0; i < threads; i++) {
                 fs.add(pool.submit(() -> {
-                    ByteBuffer buf = ByteBuffer.allocateDirect(CHUNK);
+                    ByteBuffer buf = Buffers.direct(CHUNK);
                     for (;;) {
                         long start = next.getAndAdd(CHUNK);
                         if (start >= size) {
