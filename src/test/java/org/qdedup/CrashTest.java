@@ -38,7 +38,8 @@ class CrashTest {
     }
 
     @ParameterizedTest(name = "{0}")
-    @ValueSource(strings = {"4k-refcount16", "512-refcount64", "64k-snapshot", "4k-v2-backing", "4k-lazy-refcounts"})
+    @ValueSource(strings = {"4k-refcount16", "512-refcount64", "64k-snapshot", "4k-v2-backing", "4k-lazy-refcounts",
+            "4k-dedup", "4k-dedup-snapshot-refcount4"})
     void crashStatesAreCleanAndKeepFlushedData(String variant) throws Exception {
         long size = 8L << 20;
         Random r = new Random(variant.hashCode() * 31L + WriterModelTest.SEED);
@@ -59,6 +60,19 @@ class CrashTest {
                 size = 3L << 20;
                 model = new byte[(int) size];
                 initial = fresh(CreateOptions.defaults(size).withClusterBits(9).withRefcountOrder(6));
+            }
+            case "4k-dedup" -> {
+                cs = 4096;
+                initial = dedup(fresh(CreateOptions.defaults(size).withClusterBits(12)));
+            }
+            case "4k-dedup-snapshot-refcount4" -> {
+                cs = 4096;
+                Qemu.img(dir, "create", "-f", "qcow2", "-o", "cluster_size=4k,refcount_bits=4", "s.qcow2", Long.toString(size));
+                Qemu.io(dir, "qcow2", "s.qcow2", List.of("write -P 0x11 0 1M", "write -P 0x22 5M 1M"));
+                Qemu.img(dir, "snapshot", "-c", "before", "s.qcow2");
+                Arrays.fill(model, 0, 1 << 20, (byte) 0x11);
+                Arrays.fill(model, 5 << 20, 6 << 20, (byte) 0x22);
+                initial = dedup(Files.readAllBytes(dir.resolve("s.qcow2")));
             }
             case "64k-snapshot" -> {
                 cs = 65536;
@@ -83,6 +97,12 @@ class CrashTest {
         List<GuestOp> guestOps = new ArrayList<>();
         List<Flushed> flushes = new ArrayList<>();
         flushes.add(new Flushed(0, model.clone(), 0));
+        boolean dedup = variant.contains("dedup");
+        // Dedup variants write clusters from a small pool, so most writes share or stop sharing a cluster.
+        byte[][] pool = new byte[6][(int) cs];
+        for (byte[] p : pool) {
+            r.nextBytes(p);
+        }
         try (Qcow2Image q = Images.openWritable(pc)) {
             for (int i = 0; i < 300; i++) {
                 long off = WriterModelTest.randomOffset(r, size, cs);
@@ -92,6 +112,11 @@ class CrashTest {
                 if (kind < 7) {
                     byte[] data = new byte[(int) len];
                     r.nextBytes(data);
+                    if (dedup) {
+                        for (long c = (off + cs - 1) / cs * cs; c + cs <= off + len; c += cs) {
+                            System.arraycopy(pool[r.nextInt(pool.length)], 0, data, (int) (c - off), (int) cs);
+                        }
+                    }
                     q.write(ByteBuffer.wrap(data), off);
                     System.arraycopy(data, 0, model, (int) off, (int) len);
                 } else if (kind < 9) {
@@ -118,7 +143,7 @@ class CrashTest {
             PowerCutFile.Mode mode = modes[k % modes.length];
             byte[] crashed = pc.crashImage(cut, mode, new Random(k));
             Files.write(img, crashed);
-            boolean lazy = variant.contains("lazy");
+            boolean lazy = variant.contains("lazy") || dedup;
             if (lazy) {
                 // A dirty image is repaired when opened for writing; afterwards it must be fully clean.
                 Images.openWritable(img.toString(), OpenOptions.defaults()).close();
@@ -150,7 +175,34 @@ class CrashTest {
                     }
                 }
             }
+            if (dedup && k % 10 == 0) {
+                // The index rebuilt after the crash must only lead writes to clusters holding their content.
+                long hits;
+                try (Qcow2Image q = Images.openWritable(img.toString(), OpenOptions.defaults())) {
+                    for (int j = 0; j < 12; j++) {
+                        q.write(ByteBuffer.wrap(pool[j % pool.length]), (long) j * cs);
+                    }
+                    hits = q.writer().dedupCounters().hits;
+                    ByteBuffer got = ByteBuffer.allocate((int) (12 * cs));
+                    q.read(got, 0);
+                    for (int j = 0; j < 12; j++) {
+                        assertThat(Arrays.copyOfRange(got.array(), (int) (j * cs), (int) ((j + 1) * cs)))
+                                .as("cut %d: pool cluster %d written after the crash", cut, j).isEqualTo(pool[j % pool.length]);
+                    }
+                }
+                assertThat(hits).as("cut %d: the six pool contents written twice share", cut).isGreaterThanOrEqualTo(6);
+                Qemu.Result after = Qemu.imgRaw(dir, "check", img.toString());
+                assertThat(after.exit()).as("cut %d: check after writing into the crashed image%n%s", cut, after.out()).isZero();
+            }
         }
+    }
+
+    /** The image with dedup enabled. */
+    private byte[] dedup(byte[] image) throws Exception {
+        Path p = dir.resolve("dedup-initial.qcow2");
+        Files.write(p, image);
+        org.qdedup.image.ImageOps.enableDedup(p.toString());
+        return Files.readAllBytes(p);
     }
 
     private byte[] fresh(CreateOptions o) throws Exception {

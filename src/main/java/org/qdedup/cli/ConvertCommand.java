@@ -76,7 +76,7 @@ final class ConvertCommand implements Callable<Integer> {
             if (wantDedup && !opts.containsKey("cluster_size")) {
                 co = co.withClusterBits(12);
             }
-            a = new ImageOptions.Applied(co, a.preallocation(), wantDedup);
+            a = new ImageOptions.Applied(co, a.preallocation(), wantDedup, a.dedupHeadroom());
             if (!a.preallocation().equals("off")) {
                 throw new CliException("preallocation=" + a.preallocation() + " is not supported yet (only off)");
             }
@@ -85,7 +85,13 @@ final class ConvertCommand implements Callable<Integer> {
             }
             Qcow2Create.create(dst, a.create().withSize(source.size()));
             if (Boolean.TRUE.equals(a.dedup())) {
-                org.qdedup.image.ImageOps.enableDedup(dst);
+                if (co.refcountOrder() == 0) {
+                    Context.err().println("qdedup: " + dst + ": refcount_bits=1 cannot count a second reference: dedup "
+                            + "shares nothing here, it only skips zero and unchanged clusters");
+                }
+                org.qdedup.image.ImageOps.enableDedup(dst, a.dedupHeadroom());
+            } else if (a.dedupHeadroom() != null) {
+                throw new CliException("dedup_headroom needs dedup (--dedup or -o dedup=on)");
             }
         } else if (dedup) {
             org.qdedup.image.ImageOps.enableDedup(dst);

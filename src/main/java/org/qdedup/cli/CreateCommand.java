@@ -19,7 +19,7 @@ final class CreateCommand implements Callable<Integer> {
     @Option(names = "-f", paramLabel = "FMT", defaultValue = "qcow2", description = "qcow2 (default) or raw.")
     String format;
     @Option(names = "-o", paramLabel = "OPTS", description = "cluster_size, compat, refcount_bits, extended_l2, "
-            + "lazy_refcounts, compression_type, preallocation, backing_file, backing_fmt, data_file, data_file_raw, dedup.")
+            + "lazy_refcounts, compression_type, preallocation, backing_file, backing_fmt, data_file, data_file_raw, dedup, dedup_headroom (snapshots that must still fit after sharing, default 1).")
     String options;
     @Option(names = "-b", paramLabel = "BACKING", description = "Backing file (relative to the new image's directory).")
     String backing;
@@ -74,8 +74,11 @@ final class CreateCommand implements Callable<Integer> {
         if (wantDedup && !opts.containsKey("cluster_size")) {
             o = o.withClusterBits(12); // dedup works per cluster: 4 KiB matches guest file system blocks
         }
-        if (wantDedup && (o.dataFile() != null || o.refcountOrder() == 0)) {
-            throw new CliException(image + ": dedup needs shareable clusters: not with data_file or refcount_bits=1");
+        if (wantDedup && o.dataFile() != null) {
+            throw new CliException(image + ": dedup needs shareable clusters: images with data_file cannot share them");
+        }
+        if (!wantDedup && a.dedupHeadroom() != null) {
+            throw new CliException("dedup_headroom needs dedup (--dedup or -o dedup=on)");
         }
         if (o.backingFile() != null) {
             if (o.backingFormat() == null) {
@@ -104,7 +107,11 @@ final class CreateCommand implements Callable<Integer> {
         }
         Qcow2Create.create(image, o);
         if (wantDedup) {
-            org.qdedup.image.ImageOps.enableDedup(image);
+            if (o.refcountOrder() == 0) {
+                Context.err().println("qdedup: " + image + ": refcount_bits=1 cannot count a second reference: dedup "
+                        + "shares nothing here, it only skips zero and unchanged clusters");
+            }
+            org.qdedup.image.ImageOps.enableDedup(image, a.dedupHeadroom());
         }
         formatting("qcow2", qcow2Summary(o) + (wantDedup ? " dedup=on" : ""));
         return 0;

@@ -53,13 +53,14 @@ final class ImageOptions {
     }
 
     /** Result of applying -o: the create options plus settings that are not part of the format. */
-    record Applied(CreateOptions create, String preallocation, Boolean dedup) {
+    record Applied(CreateOptions create, String preallocation, Boolean dedup, Integer dedupHeadroom) {
     }
 
     static Applied apply(Map<String, String> opts, CreateOptions base) {
         CreateOptions o = base;
         String prealloc = "off";
         Boolean dedup = null;
+        Integer headroom = null;
         String dataFile = null;
         Boolean dataFileRaw = null;
         for (Map.Entry<String, String> e : opts.entrySet()) {
@@ -112,6 +113,17 @@ final class ImageOptions {
                 case "data_file" -> dataFile = v;
                 case "data_file_raw" -> dataFileRaw = onOff(k, v);
                 case "dedup" -> dedup = onOff(k, v);
+                case "dedup_headroom" -> {
+                    try {
+                        headroom = Integer.parseInt(v);
+                    } catch (NumberFormatException ex) {
+                        headroom = -1;
+                    }
+                    if (headroom < 0 || headroom > org.qdedup.format.Header.MAX_DEDUP_HEADROOM) {
+                        throw new CliException("dedup_headroom must be a number of snapshots in 0.."
+                                + org.qdedup.format.Header.MAX_DEDUP_HEADROOM + ", not '" + v + "'");
+                    }
+                }
                 case "size" -> {
                     try {
                         o = o.withSize(Sizes.parse(v));
@@ -127,6 +139,6 @@ final class ImageOptions {
         if (dataFile != null || dataFileRaw != null) {
             o = o.withDataFile(dataFile, dataFileRaw != null && dataFileRaw);
         }
-        return new Applied(o, prealloc, dedup);
+        return new Applied(o, prealloc, dedup, headroom);
     }
 }

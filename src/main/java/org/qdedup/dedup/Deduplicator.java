@@ -58,14 +58,18 @@ public final class Deduplicator {
         return index;
     }
 
-    public static byte[] sha256(byte[] data, int off, int len) {
+    private static final ThreadLocal<MessageDigest> SHA256 = ThreadLocal.withInitial(() -> {
         try {
-            MessageDigest md = MessageDigest.getInstance("SHA-256");
-            md.update(data, off, len);
-            return md.digest();
+            return MessageDigest.getInstance("SHA-256");
         } catch (NoSuchAlgorithmException e) {
             throw new IllegalStateException(e);
         }
+    });
+
+    public static byte[] sha256(byte[] data, int off, int len) {
+        MessageDigest md = SHA256.get(); // one per thread: the provider lookup costs more than a 4 KiB hash
+        md.update(data, off, len);
+        return md.digest();
     }
 
     /**
@@ -89,16 +93,20 @@ public final class Deduplicator {
      * never shared.
      */
     public long find(byte[] sha, byte[] data, ClusterReader reader) throws IOException {
+        return find(sha, data, 0, data.length, reader);
+    }
+
+    /** As {@link #find(byte[], byte[], ClusterReader)} for the cluster at {@code data[off, off + len)}. */
+    public long find(byte[] sha, byte[] data, int off, int len, ClusterReader reader) throws IOException {
         int n = index.candidates(sha, candidates);
-        byte[] buf = null;
         boolean ceiling = false;
         for (int i = 0; i < n; i++) {
             long c = candidates[i];
-            if (buf == null) {
-                buf = new byte[data.length];
+            if (confirmBuf.length != len) {
+                confirmBuf = new byte[len];
             }
-            reader.read(c, buf);
-            if (!Arrays.equals(buf, data)) {
+            reader.read(c, confirmBuf);
+            if (!Arrays.equals(confirmBuf, 0, len, data, off, off + len)) {
                 counters.fragmentCollisions++;
                 continue;
             }
@@ -112,6 +120,9 @@ public final class Deduplicator {
         }
         return -1;
     }
+
+    /** Candidate contents read back for confirmation; callers hold the image's metadata lock. */
+    private byte[] confirmBuf = new byte[0];
 
     /** Whether the index says this host cluster holds this content (a candidate to confirm by reading). */
     public boolean indexedAs(long cluster, byte[] sha) {

@@ -115,6 +115,24 @@ public record Header(
         return extension(HeaderExtension.DEDUP) != null;
     }
 
+    /** Default snapshot headroom of dedup images: one snapshot must still fit after sharing. */
+    public static final int DEFAULT_DEDUP_HEADROOM = 1;
+    /** Largest headroom accepted; beyond it no width could share anything. */
+    public static final int MAX_DEDUP_HEADROOM = 1 << 16;
+
+    /**
+     * Snapshots that must still fit after dedup shares a cluster: bytes 8..11 of our dedup extension (big-endian),
+     * {@link #DEFAULT_DEDUP_HEADROOM} when the extension is shorter or holds a value out of range.
+     */
+    public int dedupHeadroom() {
+        HeaderExtension e = extension(HeaderExtension.DEDUP);
+        if (e == null || e.data().length < 12) {
+            return DEFAULT_DEDUP_HEADROOM;
+        }
+        long v = Be.u32(e.data(), 8);
+        return v > MAX_DEDUP_HEADROOM ? DEFAULT_DEDUP_HEADROOM : (int) v;
+    }
+
     /** This header with an extension added (or replaced). */
     public Header withExtension(HeaderExtension ext) {
         List<HeaderExtension> exts = new ArrayList<>(withoutExtension(ext.type()).extensions());

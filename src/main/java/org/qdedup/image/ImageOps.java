@@ -23,20 +23,31 @@ public final class ImageOps {
      * qdedup shares clusters. Images with an external data file cannot share clusters and are refused.
      */
     public static void enableDedup(String image) throws IOException {
+        enableDedup(image, null);
+    }
+
+    /**
+     * Enables dedup on an image (our header extension: format version, then the snapshot headroom).
+     *
+     * @param headroom snapshots that must still fit after sharing; null keeps the image's (1 when new)
+     */
+    public static void enableDedup(String image, Integer headroom) throws IOException {
+        if (headroom != null && (headroom < 0 || headroom > org.qdedup.format.Header.MAX_DEDUP_HEADROOM)) {
+            throw new IOException(image + ": dedup headroom " + headroom + " is outside 0.."
+                    + org.qdedup.format.Header.MAX_DEDUP_HEADROOM);
+        }
         try (ImageEditor ed = ImageEditor.open(image)) {
             if (ed.h.hasDataFile()) {
                 throw new IOException(image + ": dedup needs clusters that can be shared; images with an external data "
                         + "file cannot share clusters");
             }
-            if (ed.h.refcountBits() < 2) {
-                throw new IOException(image + ": dedup needs refcount_bits of at least 2 (1-bit refcounts cannot count a "
-                        + "second reference)");
-            }
-            if (!ed.h.dedup()) {
-                byte[] version = new byte[8];
-                version[7] = 1;
+            int want = headroom != null ? headroom : ed.h.dedupHeadroom();
+            if (!ed.h.dedup() || ed.h.dedupHeadroom() != want) {
+                byte[] data = new byte[16];
+                org.qdedup.format.Be.put64(data, 0, 1); // extension format version
+                org.qdedup.format.Be.put32(data, 8, want);
                 org.qdedup.format.Header nh = ed.h.withExtension(new org.qdedup.format.HeaderExtension(
-                        org.qdedup.format.HeaderExtension.DEDUP, version));
+                        org.qdedup.format.HeaderExtension.DEDUP, data));
                 if (nh.encodedLength() > ed.cs) {
                     // The feature name table is optional (QEMU leaves it out where it does not fit either).
                     nh = nh.withoutExtension(org.qdedup.format.HeaderExtension.FEATURE_NAMES);

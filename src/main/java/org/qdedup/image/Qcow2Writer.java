@@ -73,7 +73,7 @@ public final class Qcow2Writer {
                 public long maxRefcount() {
                     return rc.maxRefcount();
                 }
-            }, 1024, 1);
+            }, 1024, img.header().dedupHeadroom());
             rc.onDrop((c, v) -> {
                 if (v == 0) {
                     dedup.freed(c);
@@ -115,9 +115,11 @@ public final class Qcow2Writer {
                 rc.deferDecrement(c);
             }
         }
-        if (lazy()) {
+        if (lazy() || (dedup != null && h.version() == 3)) {
             // Refcounts may lag behind the L2 tables from now on: whoever opens the image before we close it
-            // cleanly must rebuild them (QEMU does, and so do we).
+            // cleanly must rebuild them (QEMU does, and so do we). Dedup needs it too: when a cluster becomes
+            // shared or stops being shared, its refcount and the COPIED flags of its entries live in different
+            // clusters, and no write order keeps both consistent at every instant of a crash.
             updateHeader(h.withIncompatible(h.incompatibleFeatures() | Features.INCOMPAT_DIRTY));
         }
         headerPrepared = true;
@@ -304,11 +306,12 @@ public final class Qcow2Writer {
      * there, or shown by the backing chain, is not written; content stored elsewhere is shared (refcount + 1,
      * COPIED off on every entry using it); anything else is written and indexed once written.
      */
-    private boolean writeDeduped(long pos, byte[] data, byte[] sha) throws IOException {
+    private boolean writeDeduped(long pos, byte[] data, int off, byte[] sha) throws IOException {
         loadDedupIndex();
         Deduplicator.Counters n = dedup.counters();
         long guest = pos / cs;
-        if (isZero(data)) {
+        int len = (int) cs;
+        if (isZero(data, off)) {
             n.zeroClusters++;
             zeroCluster(pos, true);
             return true;
@@ -319,27 +322,28 @@ public final class Qcow2Writer {
         long host = ownedHost(e);
         boolean plain = host >= 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0
                 && (!geo.extendedL2() || bitmapAt(r, idx) == L2Entry.BITMAP_ALL_ALLOC);
-        byte[] buf = new byte[(int) cs];
         if (plain && dedup.indexedAs(host / cs, sha)) {
+            byte[] buf = compareBuf();
             dataFile.readFully(ByteBuffer.wrap(buf), host);
-            if (java.util.Arrays.equals(buf, data)) {
+            if (java.util.Arrays.equals(buf, 0, len, data, off, off + len)) {
                 n.inplaceRewrites++;
                 return true; // the same content rewritten in place: nothing to do at all
             }
         }
         if (host < 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0 && img.backing() != null
                 && bitmapAt(r, idx) == 0) {
+            byte[] buf = compareBuf();
             long avail = Math.min(cs, Math.max(0, img.backing().size() - pos));
             java.util.Arrays.fill(buf, (byte) 0);
             if (avail > 0) {
                 img.backing().read(ByteBuffer.wrap(buf, 0, (int) avail), pos);
             }
-            if (java.util.Arrays.equals(buf, data)) {
+            if (java.util.Arrays.equals(buf, 0, len, data, off, off + len)) {
                 n.backingEqual++;
                 return true; // the backing chain shows this already: keep falling through
             }
         }
-        long target = dedup.find(sha, data, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
+        long target = dedup.find(sha, data, off, len, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
         if (target >= 0 && target * cs == host) {
             n.inplaceRewrites++;
             return true;
@@ -352,13 +356,27 @@ public final class Qcow2Writer {
         if (plain && writableInPlace(e)) {
             dedup.rewritten(host / cs);
             guardData(host, cs);
-            dataFile.write(ByteBuffer.wrap(data), host);
+            dataFile.write(ByteBuffer.wrap(data, off, len), host);
             setEntry(r, idx, newEntry(host), allAllocBitmap());
             dedup.stored(sha, host / cs, guest);
             return true;
         }
         return false; // needs a new cluster: the caller allocates (in runs) and publishes it
     }
+
+    /** A cluster-sized buffer for reading back what a write is compared with (metadata lock held). */
+    private byte[] compareBuf() {
+        if (compareBuf == null || compareBuf.length != cs) {
+            compareBuf = new byte[(int) cs];
+        }
+        return compareBuf;
+    }
+
+    private byte[] compareBuf;
+
+    /** Per-thread copy of a direct request, so hashing and comparisons run on one array without new allocations. */
+    private static final ThreadLocal<byte[]> DEDUP_SCRATCH = new ThreadLocal<>();
+    private static final int DEDUP_SCRATCH_MAX = 8 << 20;
 
     private static int copiesOf(List<int[]> copies, int k) {
         int n = 0;
@@ -398,11 +416,11 @@ public final class Qcow2Writer {
 
     private byte[] zeroCluster;
 
-    private boolean isZero(byte[] b) {
-        if (zeroCluster == null || zeroCluster.length != b.length) {
-            zeroCluster = new byte[b.length];
+    private boolean isZero(byte[] b, int off) {
+        if (zeroCluster == null || zeroCluster.length != cs) {
+            zeroCluster = new byte[(int) cs];
         }
-        return java.util.Arrays.mismatch(b, zeroCluster) < 0; // vectorised compare
+        return java.util.Arrays.mismatch(b, off, off + (int) cs, zeroCluster, 0, (int) cs) < 0; // vectorised compare
     }
 
     /** Sets or clears COPIED on the active entry of a guest cluster, if it (still) points at {@code cluster}. */
@@ -476,54 +494,7 @@ public final class Qcow2Writer {
     private void writeFullClusters(long pos, ByteBuffer data) throws IOException {
         int n = (int) (data.remaining() / cs);
         if (dedup != null) {
-            // Hash before taking the lock, so the cores hash while another write holds it.
-            byte[][] clusters = new byte[n][];
-            byte[][] hashes = new byte[n][];
-            for (int i = 0; i < n; i++) {
-                clusters[i] = new byte[(int) cs];
-                data.slice((int) (i * cs), (int) cs).get(clusters[i]);
-                hashes[i] = Deduplicator.sha256(clusters[i], 0, (int) cs);
-            }
-            img.meta.lock();
-            try {
-                // Clusters that need new space are gathered, allocated as one run and written with one write.
-                List<Integer> fresh = new ArrayList<>();
-                java.util.Map<ByteBuffer, Integer> freshByHash = new java.util.HashMap<>();
-                List<int[]> copiesOfFresh = new ArrayList<>();
-                for (int i = 0; i < n; i++) {
-                    if (writeDeduped(pos + i * cs, clusters[i], hashes[i])) {
-                        continue;
-                    }
-                    Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
-                    if (k != null && java.util.Arrays.equals(clusters[fresh.get(k)], clusters[i])
-                            && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
-                        copiesOfFresh.add(new int[]{i, k});
-                    } else {
-                        freshByHash.put(ByteBuffer.wrap(hashes[i]), fresh.size());
-                        fresh.add(i);
-                    }
-                }
-                if (!fresh.isEmpty()) {
-                    long first = allocateData(fresh.size());
-                    byte[] run = new byte[(int) (fresh.size() * cs)];
-                    for (int j = 0; j < fresh.size(); j++) {
-                        System.arraycopy(clusters[fresh.get(j)], 0, run, (int) (j * cs), (int) cs);
-                    }
-                    guardData(first, run.length);
-                    dataFile.write(ByteBuffer.wrap(run), first);
-                    L2Ref r = writableL2(geo.l1Index(pos));
-                    for (int j = 0; j < fresh.size(); j++) {
-                        int i = fresh.get(j);
-                        publishFresh(r, pos + i * cs, first + j * cs, hashes[i]);
-                    }
-                    for (int[] c : copiesOfFresh) {
-                        shareInto(r, pos + c[0] * cs, (first + (long) c[1] * cs) / cs);
-                    }
-                }
-                maybeWriteBack();
-            } finally {
-                img.meta.unlock();
-            }
+            writeFullClustersDeduped(pos, data, n);
             return;
         }
         img.meta.lock();
@@ -576,6 +547,85 @@ public final class Qcow2Writer {
         }
     }
 
+    private void writeFullClustersDeduped(long pos, ByteBuffer data, int n) throws IOException {
+        int c = (int) cs;
+        int total = n * c;
+        byte[] arr;
+        int base;
+        if (data.hasArray()) {
+            arr = data.array();
+            base = data.arrayOffset() + data.position();
+        } else {
+            arr = total <= DEDUP_SCRATCH_MAX ? DEDUP_SCRATCH.get() : null;
+            if (arr == null || arr.length < total) {
+                arr = new byte[total];
+                if (total <= DEDUP_SCRATCH_MAX) {
+                    DEDUP_SCRATCH.set(arr);
+                }
+            }
+            data.get(data.position(), arr, 0, total);
+            base = 0;
+        }
+        // Hash before taking the lock, so the cores hash while another write holds it.
+        byte[][] hashes = new byte[n][];
+        for (int i = 0; i < n; i++) {
+            hashes[i] = Deduplicator.sha256(arr, base + i * c, c);
+        }
+        img.meta.lock();
+        try {
+            // Clusters that need new space are gathered, allocated as one run and written with one write.
+            int[] fresh = new int[n];
+            int nFresh = 0;
+            java.util.Map<ByteBuffer, Integer> freshByHash = null;
+            List<int[]> copiesOfFresh = new ArrayList<>();
+            for (int i = 0; i < n; i++) {
+                if (writeDeduped(pos + (long) i * c, arr, base + i * c, hashes[i])) {
+                    continue;
+                }
+                if (freshByHash == null) {
+                    freshByHash = new java.util.HashMap<>();
+                }
+                Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
+                boolean same = k != null && java.util.Arrays.equals(arr, base + fresh[k] * c, base + fresh[k] * c + c,
+                        arr, base + i * c, base + i * c + c);
+                if (same && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
+                    copiesOfFresh.add(new int[]{i, k});
+                } else {
+                    if (same && dedup.allows(2)) {
+                        dedup.counters().ceilingHits++; // this copy is full: the next one starts a fresh target
+                    }
+                    freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
+                    fresh[nFresh++] = i;
+                }
+            }
+            if (nFresh > 0) {
+                long first = allocateData(nFresh);
+                guardData(first, (long) nFresh * c);
+                if (fresh[nFresh - 1] - fresh[0] == nFresh - 1) {
+                    // The usual case, one stretch of the request: written from the caller's buffer as it is.
+                    dataFile.write(data.slice(data.position() + fresh[0] * c, nFresh * c), first);
+                } else {
+                    byte[] run = new byte[nFresh * c];
+                    for (int j = 0; j < nFresh; j++) {
+                        System.arraycopy(arr, base + fresh[j] * c, run, j * c, c);
+                    }
+                    dataFile.write(ByteBuffer.wrap(run), first);
+                }
+                L2Ref r = writableL2(geo.l1Index(pos));
+                for (int j = 0; j < nFresh; j++) {
+                    int i = fresh[j];
+                    publishFresh(r, pos + (long) i * c, first + (long) j * c, hashes[i]);
+                }
+                for (int[] cp : copiesOfFresh) {
+                    shareInto(r, pos + (long) cp[0] * c, (first + (long) cp[1] * c) / cs);
+                }
+            }
+            maybeWriteBack();
+        } finally {
+            img.meta.unlock();
+        }
+    }
+
     /** Part of one cluster: in place when possible, else read-modify-write into a new cluster. */
     private void writePartial(long pos, ByteBuffer data) throws IOException {
         long cstart = geo.clusterStart(pos);
@@ -593,7 +643,7 @@ public final class Qcow2Writer {
                 img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
                 data.duplicate().get(full, inC, data.remaining());
                 byte[] sha = Deduplicator.sha256(full, 0, (int) cs);
-                if (!writeDeduped(cstart, full, sha)) {
+                if (!writeDeduped(cstart, full, 0, sha)) {
                     long host = allocateData(1);
                     guardData(host, cs);
                     dataFile.write(ByteBuffer.wrap(full), host);
