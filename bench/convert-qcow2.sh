@@ -4,13 +4,16 @@
 # Cold page cache per run, alternating order, medians; prints qdedup/qemu ratios (goal <= 1.0).
 #
 # Environment: BENCH_DIR (default /tmp/qdedup-bench), RUNS (default 5), SIZE_MB (default 1024),
-#   CLUSTERS (default "65536 4096"), CACHE (-t for both tools, default writeback), SOURCES (default "random ext4")
+#   CLUSTERS (default "65536 4096"), CACHE (-t for both tools, default writeback), SOURCES (default "random ext4"),
+#   DEDUP=1: qdedup converts with --dedup (qemu-img as before, same cluster size; CLUSTERS defaults to 4096)
 set -euo pipefail
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/tmp/qdedup-bench}
 RUNS=${RUNS:-5}
 SIZE_MB=${SIZE_MB:-1024}
-CLUSTERS=${CLUSTERS:-"65536 4096"}
+DEDUP=${DEDUP:-0}
+if [ "$DEDUP" = 1 ]; then CLUSTERS=${CLUSTERS:-4096}; else CLUSTERS=${CLUSTERS:-"65536 4096"}; fi
+dedup_flag=(); [ "$DEDUP" = 1 ] && dedup_flag=(--dedup)
 CACHE=${CACHE:-writeback}
 SOURCES=${SOURCES:-"random ext4"}
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
@@ -53,7 +56,7 @@ run() { # tool src dst cluster -> seconds
   if [ "$tool" = qemu ]; then
     qemu-img convert -t "$CACHE" -f raw -O qcow2 -o cluster_size="$cs" "$src" "$dst"
   else
-    "$QDEDUP" convert -t "$CACHE" -f raw -O qcow2 -o cluster_size="$cs" "$src" "$dst"
+    "$QDEDUP" convert "${dedup_flag[@]}" -t "$CACHE" -f raw -O qcow2 -o cluster_size="$cs" "$src" "$dst"
   fi
   t1=$(date +%s.%N)
   python3 -c "import sys; print('%.3f' % (float(sys.argv[2]) - float(sys.argv[1])))" "$t0" "$t1"
