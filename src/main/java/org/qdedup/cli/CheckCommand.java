@@ -66,10 +66,25 @@ final class CheckCommand implements Callable<Integer> {
                 out.printf("The following inconsistencies were found and repaired:%n%n    %d leaked clusters%n    %d corruptions%n%n"
                         + "Double checking the fixed image now...%n", r.leaksFixed, r.corruptionsFixed);
             }
+            org.qdedup.format.Header h = Images.readHeader(f, true);
+            org.qdedup.image.DedupIndexFile.Found idx = h.dedup() ? org.qdedup.image.DedupIndexFile.find(f, h) : null;
             if (json) {
-                out.println(Json.pretty(json(r)));
+                Map<String, Object> m = json(r);
+                if (idx != null) {
+                    m.put("dedup-index", idx.inSync() ? "in-sync" : "rebuild");
+                    if (idx.inSync()) {
+                        m.put("dedup-index-entries", (long) idx.contents().clusters().length);
+                    }
+                }
+                out.println(Json.pretty(m));
             } else if (!quiet) {
                 human(out, r);
+                if (idx != null) {
+                    out.println(idx.inSync()
+                            ? "Dedup index: in sync with the image (" + idx.contents().clusters().length + " entries in "
+                                    + idx.path().getFileName() + ")"
+                            : "Dedup index: rebuilt from the image at the next read-write open (" + idx.problem() + ")");
+                }
             }
             if (r.checkErrors > 0) {
                 err.println("qdedup: " + image + ": Check failed");

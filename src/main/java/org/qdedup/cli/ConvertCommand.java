@@ -1,5 +1,7 @@
 package org.qdedup.cli;
 
+import java.io.PrintStream;
+
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.concurrent.Callable;
@@ -109,6 +111,19 @@ final class ConvertCommand implements Callable<Integer> {
                         ff.writeBehind(WRITE_BEHIND);
                     }
                 }
+            }
+            if (progress && target.writer() != null) {
+                PrintStream perr = Context.err();
+                long[] last = {-1};
+                target.writer().onDedupRebuildProgress(bytes -> {
+                    long mib = bytes >> 20;
+                    synchronized (last) {
+                        if (mib / 256 != last[0]) {
+                            last[0] = mib / 256;
+                            perr.printf("    rebuilding the dedup index of %s: %d MiB read\r", dst, mib);
+                        }
+                    }
+                });
             }
             Converter.copy(source, compress ? Converter.compressed(target) : Converter.image(target),
                     !noCreate && target.backing() == null, p);

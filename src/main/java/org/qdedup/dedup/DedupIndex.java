@@ -77,6 +77,11 @@ public final class DedupIndex {
 
     /** Records that {@code cluster} holds content with this hash (replacing what it held before). */
     public void put(byte[] sha256, long cluster) {
+        putFragment(fragment(sha256), cluster);
+    }
+
+    /** {@link #put} with the in-RAM key already computed (from the index file). */
+    public void putFragment(int fragment, long cluster) {
         if (cluster < 0 || cluster > MAX_CLUSTER) {
             return;
         }
@@ -84,7 +89,38 @@ public final class DedupIndex {
         if (size + 1 > slots.length * MAX_LOAD) {
             grow();
         }
-        insert(((long) fragment(sha256) << 32) | cluster);
+        insert(((long) fragment << 32) | cluster);
+    }
+
+    /** Makes room for {@code entries} entries at once (instead of growing step by step while loading). */
+    public void ensureCapacity(int entries) {
+        long want = (long) (entries / 0.8) + 16;
+        if (want <= slots.length || want > Integer.MAX_VALUE - 8) {
+            return;
+        }
+        long[] old = slots;
+        slots = new long[(int) want];
+        Arrays.fill(slots, EMPTY);
+        size = 0;
+        for (long e : old) {
+            if (e != EMPTY) {
+                insert(e);
+            }
+        }
+    }
+
+    /** Receives index entries. */
+    public interface EntryConsumer {
+        void accept(int fragment, long cluster);
+    }
+
+    /** Every entry, in no particular order. */
+    public void forEach(EntryConsumer c) {
+        for (long s : slots) {
+            if (s != EMPTY) {
+                c.accept(fragOf(s), clusterOf(s));
+            }
+        }
     }
 
     private void insert(long entry) {

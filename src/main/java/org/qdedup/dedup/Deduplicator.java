@@ -137,9 +137,19 @@ public final class Deduplicator {
 
     /** A newly written cluster: indexed (only now, its data being written) with its first user. */
     public void stored(byte[] sha, long cluster, long guestCluster) {
-        index.put(sha, cluster);
+        storedFragment(DedupIndex.fragment(sha), cluster, guestCluster);
+    }
+
+    /** {@link #stored} with the in-RAM key only (from the index file). */
+    public void storedFragment(int fragment, long cluster, long guestCluster) {
+        index.putFragment(fragment, cluster);
+        ownedBy(cluster, guestCluster);
+    }
+
+    /** Records the first user of a host cluster (before its key is known, while the index is being built). */
+    public void ownedBy(long cluster, long guestCluster) {
         if (cluster >= owner.length) {
-            owner = Arrays.copyOf(owner, (int) Math.max(cluster + 1, owner.length * 9L / 8 + 16));
+            owner = Arrays.copyOf(owner, (int) Math.min(Integer.MAX_VALUE - 8, Math.max(cluster + 1, owner.length * 3L / 2 + 16)));
         }
         owner[(int) cluster] = guestCluster + 1;
     }

@@ -17,6 +17,11 @@ public final class Features {
 
     public static final long AUTOCLEAR_BITMAPS = 1L;
     public static final long AUTOCLEAR_DATA_FILE_RAW = 1L << 1;
+    /**
+     * Ours: the dedup index file beside the image is in sync with it. An autoclear bit, so any QEMU that opens the
+     * image read-write clears it; the highest bit, far from the ones QEMU hands out from the bottom.
+     */
+    public static final long AUTOCLEAR_DEDUP_INDEX = 1L << 63;
 
     static String incompatibleName(int bit) {
         return switch (bit) {

@@ -115,6 +115,30 @@ public record Header(
         return extension(HeaderExtension.DEDUP) != null;
     }
 
+    /**
+     * Generation stamp of the dedup index file that was in sync with this image at its last clean close (bytes
+     * 16..23 of our dedup extension), or 0 when there is none.
+     */
+    public long dedupGeneration() {
+        HeaderExtension e = extension(HeaderExtension.DEDUP);
+        return e == null || e.data().length < 24 ? 0 : Be.u64(e.data(), 16);
+    }
+
+    /** Whether the header says the dedup index file is in sync (our autoclear bit, a generation, not dirty). */
+    public boolean dedupIndexInSync() {
+        return dedup() && (autoclearFeatures() & Features.AUTOCLEAR_DEDUP_INDEX) != 0 && dedupGeneration() != 0
+                && !dirty();
+    }
+
+    /** Our dedup extension's payload: version 1, the snapshot headroom, the index generation. */
+    public static HeaderExtension dedupExtension(int headroom, long generation) {
+        byte[] data = new byte[32];
+        Be.put64(data, 0, 1);
+        Be.put32(data, 8, headroom);
+        Be.put64(data, 16, generation);
+        return new HeaderExtension(HeaderExtension.DEDUP, data);
+    }
+
     /** Default snapshot headroom of dedup images: one snapshot must still fit after sharing. */
     public static final int DEFAULT_DEDUP_HEADROOM = 1;
     /** Largest headroom accepted; beyond it no width could share anything. */

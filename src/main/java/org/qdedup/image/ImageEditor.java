@@ -32,8 +32,8 @@ final class ImageEditor implements Closeable {
     List<Snapshot> snapshots;
     private final List<Long> freed = new ArrayList<>();
 
-    private ImageEditor(BlockFile file) throws IOException {
-        this.file = file;
+    private ImageEditor(BlockFile raw) throws IOException {
+        this.file = clearingIndexBitFirst(raw);
         this.h = Images.readHeader(file);
         if (h.dirty() || h.corrupt()) {
             throw FormatException.of(file.name(), "image needs repair first (dirty or corrupt bit set): run 'qdedup check -r all'");
@@ -44,6 +44,99 @@ final class ImageEditor implements Closeable {
         this.rc = new Refcounts(file, h);
         rc.onTableMoved((off, clusters) -> writeHeader(h.withRefcountTable(off, clusters)));
         this.snapshots = new ArrayList<>(Images.readSnapshots(file, h));
+    }
+
+    private static final long INDEX_BIT = org.qdedup.format.Features.AUTOCLEAR_DEDUP_INDEX;
+
+    /**
+     * Any edit makes the dedup index file stale, so the header says so before the first change reaches the file;
+     * an edit refused before writing anything leaves the image as it was.
+     */
+    private static BlockFile clearingIndexBitFirst(BlockFile inner) throws IOException {
+        Header h0 = Images.readHeader(inner);
+        if ((h0.autoclearFeatures() & INDEX_BIT) == 0) {
+            return inner;
+        }
+        return new BlockFile() {
+            private boolean cleared;
+
+            private void clear() throws IOException {
+                if (!cleared) {
+                    cleared = true;
+                    Header cur = Images.readHeader(inner);
+                    Images.writeHeader(inner, cur.withAutoclear(cur.autoclearFeatures() & ~INDEX_BIT));
+                    inner.flush();
+                }
+            }
+
+            @Override
+            public String name() {
+                return inner.name();
+            }
+
+            @Override
+            public long size() throws IOException {
+                return inner.size();
+            }
+
+            @Override
+            public int read(java.nio.ByteBuffer dst, long pos) throws IOException {
+                return inner.read(dst, pos);
+            }
+
+            @Override
+            public void write(java.nio.ByteBuffer src, long pos) throws IOException {
+                clear();
+                inner.write(src, pos);
+            }
+
+            @Override
+            public void flush() throws IOException {
+                inner.flush();
+            }
+
+            @Override
+            public void truncate(long size) throws IOException {
+                clear();
+                inner.truncate(size);
+            }
+
+            @Override
+            public boolean punchHole(long offset, long length) throws IOException {
+                clear();
+                return inner.punchHole(offset, length);
+            }
+
+            @Override
+            public long nextData(long pos) throws IOException {
+                return inner.nextData(pos);
+            }
+
+            @Override
+            public long nextHole(long pos) throws IOException {
+                return inner.nextHole(pos);
+            }
+
+            @Override
+            public long allocatedBytes() throws IOException {
+                return inner.allocatedBytes();
+            }
+
+            @Override
+            public org.qdedup.io.FileStamp stamp() throws IOException {
+                return inner.stamp();
+            }
+
+            @Override
+            public Path location() {
+                return inner.location();
+            }
+
+            @Override
+            public void close() throws IOException {
+                inner.close();
+            }
+        };
     }
 
     /** Opens an image file for editing with the exclusive (QEMU-compatible) lock. */
@@ -70,6 +163,7 @@ final class ImageEditor implements Closeable {
     }
 
     void writeHeader(Header nh) throws IOException {
+        nh = nh.withAutoclear(nh.autoclearFeatures() & ~INDEX_BIT); // headers derived from the one read at open
         Images.writeHeader(file, nh);
         file.flush();
         h = nh;

@@ -43,11 +43,7 @@ public final class ImageOps {
             }
             int want = headroom != null ? headroom : ed.h.dedupHeadroom();
             if (!ed.h.dedup() || ed.h.dedupHeadroom() != want) {
-                byte[] data = new byte[16];
-                org.qdedup.format.Be.put64(data, 0, 1); // extension format version
-                org.qdedup.format.Be.put32(data, 8, want);
-                org.qdedup.format.Header nh = ed.h.withExtension(new org.qdedup.format.HeaderExtension(
-                        org.qdedup.format.HeaderExtension.DEDUP, data));
+                org.qdedup.format.Header nh = ed.h.withExtension(org.qdedup.format.Header.dedupExtension(want, 0));
                 if (nh.encodedLength() > ed.cs) {
                     // The feature name table is optional (QEMU leaves it out where it does not fit either).
                     nh = nh.withoutExtension(org.qdedup.format.HeaderExtension.FEATURE_NAMES);

@@ -6,6 +6,8 @@ import java.util.ArrayList;
 import java.util.List;
 import java.util.Map;
 import java.util.TreeSet;
+import org.qdedup.dedup.DedupIndex;
+import org.qdedup.dedup.DedupSidecar;
 import org.qdedup.dedup.Deduplicator;
 import org.qdedup.format.Be;
 import org.qdedup.format.Features;
@@ -81,6 +83,112 @@ public final class Qcow2Writer {
                     copiedFixes.add(c);
                 }
             });
+            indexFile = trustedIndexFile();
+        }
+    }
+
+    // ---- the dedup index file ----------------------------------------------------------------------------------
+    //
+    // Ordering, the one rule that keeps the index file from ever being trusted wrongly: the image's header says
+    // "index file in sync" (our autoclear bit plus the file's generation) only between a clean close and the next
+    // change. Before the first write of a session the bit is cleared and the header synced (prepareHeader), before
+    // any data or metadata changes; at a clean close everything is flushed, then the header gets the bit and a
+    // new generation (synced), then the index file is written with that generation and the image file's stamp
+    // (size, inode, ctime, mtime) taken after the header write. A crash anywhere leaves either the bit clear or a
+    // generation the index file does not have: rebuild. QEMU clears the bit when it opens the image read-write; a
+    // writer that does not (a read-only QEMU reopened for writing) still changes the file's times or size.
+
+    /** Index file contents found in sync at open: the first index load takes its keys instead of reading data. */
+    private DedupSidecar.Contents indexFile;
+    /** Where the index of this session came from, for check and stats. */
+    private String indexSource = "not loaded yet";
+    /** Why the index file was not used at open (null when it was). */
+    private String indexFileProblem;
+
+    private DedupSidecar.Contents trustedIndexFile() {
+        DedupIndexFile.Found f = DedupIndexFile.find(file, header());
+        indexFileProblem = f.problem();
+        return f.contents();
+    }
+
+    private volatile java.util.function.LongConsumer rebuildProgress = n -> { };
+
+    /**
+     * Receives the bytes of data clusters read so far while the dedup index is rebuilt by scanning the image, for
+     * progress displays (called from several threads).
+     */
+    public void onDedupRebuildProgress(java.util.function.LongConsumer bytesRead) {
+        rebuildProgress = bytesRead;
+    }
+
+    /** Entries in the dedup index now (0 before it is loaded). */
+    public int dedupIndexEntries() {
+        return dedup == null ? 0 : dedup.index().size();
+    }
+
+    /** Where this session's dedup index came from: the index file, or a scan of the image (and why). */
+    public String dedupIndexSource() {
+        return dedup == null ? "dedup off" : indexSource;
+    }
+
+    /**
+     * Reads every indexed cluster and counts the entries whose content no longer matches their key: stale
+     * entries, which must always be zero (every share is confirmed by bytes anyway).
+     */
+    public long staleDedupEntries() throws IOException {
+        if (dedup == null) {
+            return 0;
+        }
+        img.meta.lock();
+        try {
+            loadDedupIndex();
+            long[] stale = {0};
+            byte[] buf = new byte[(int) cs];
+            IOException[] err = {null};
+            dedup.index().forEach((frag, cluster) -> {
+                if (err[0] != null) {
+                    return;
+                }
+                try {
+                    dataFile.readFully(ByteBuffer.wrap(buf), cluster * cs);
+                } catch (IOException e) {
+                    err[0] = e;
+                    return;
+                }
+                if (DedupIndex.fragment(Deduplicator.sha256(buf, 0, buf.length)) != frag) {
+                    stale[0]++;
+                }
+            });
+            if (err[0] != null) {
+                throw err[0];
+            }
+            return stale[0];
+        } finally {
+            img.meta.unlock();
+        }
+    }
+
+    /** After a clean close: marks the header in sync with a new generation, then writes the index file. */
+    private void persistDedupIndex(Header clean) throws IOException {
+        long gen;
+        do {
+            gen = new java.security.SecureRandom().nextLong();
+        } while (gen == 0);
+        Header nh = clean.withAutoclear(clean.autoclearFeatures() | Features.AUTOCLEAR_DEDUP_INDEX)
+                .withExtension(Header.dedupExtension(clean.dedupHeadroom(), gen));
+        if (nh.encodedLength() > cs) {
+            nh = nh.withoutExtension(HeaderExtension.FEATURE_NAMES);
+        }
+        if (nh.encodedLength() > cs) {
+            updateHeader(clean);
+            return; // no room in the header cluster: the index is rebuilt at the next open
+        }
+        updateHeader(nh);
+        java.nio.file.Path path = DedupSidecar.pathFor(file.location());
+        try {
+            DedupSidecar.writeAtomically(path, DedupSidecar.encode(nh.clusterBits(), gen, file.stamp(), dedup.index()));
+        } catch (IOException e) {
+            // The header now names a generation no index file has: the next open rebuilds, as after a crash.
         }
     }
 
@@ -269,14 +377,37 @@ public final class Qcow2Writer {
         release(entry);
     }
 
-    /** Builds the dedup index from the active tables the first time it is needed (a full scan, hashing data). */
+    /**
+     * Builds the dedup index the first time it is needed: the active L2 tables give every data cluster and its
+     * users; the keys come from the index file when it was found in sync at open, else from hashing the data.
+     */
     private void loadDedupIndex() throws IOException {
         if (dedupLoaded) {
             return;
         }
         dedupLoaded = true;
-        byte[] buf = new byte[(int) cs];
-        java.util.Set<Long> seen = new java.util.HashSet<>();
+        DedupSidecar.Contents known = indexFile;
+        indexFile = null;
+        // The index file's keys by host cluster, dense: one array lookup per L2 entry during the scan.
+        int[] knownFrag = null;
+        java.util.BitSet knownHas = null;
+        if (known != null && known.clusters().length > 0) {
+            dedup.index().ensureCapacity(known.clusters().length);
+            long maxCluster = known.clusters()[known.clusters().length - 1];
+            if (maxCluster < (1 << 28)) {
+                knownFrag = new int[(int) maxCluster + 1];
+                knownHas = new java.util.BitSet((int) maxCluster + 1);
+                for (int k = 0; k < known.clusters().length; k++) {
+                    knownFrag[(int) known.clusters()[k]] = known.fragments()[k];
+                    knownHas.set((int) known.clusters()[k]);
+                }
+            }
+        }
+        prefetchL2Tables();
+        java.util.BitSet seen = new java.util.BitSet();
+        long[] toHash = new long[64];
+        long[] toHashGuest = new long[64];
+        int nHash = 0;
         for (int i = 0; i < img.l1.length; i++) {
             long l2 = img.l1[i] & L2Entry.L1_OFFSET_MASK;
             if (l2 == 0) {
@@ -287,18 +418,115 @@ public final class Qcow2Writer {
                 long e = t[j * step()];
                 long h = ownedHost(e);
                 if (L2Entry.isCompressed(e) || h < 0 || (e & L2Entry.ZERO) != 0 || (geo.extendedL2()
-                        && t[j * step() + 1] != L2Entry.BITMAP_ALL_ALLOC)) {
+                        && t[j * step() + 1] != L2Entry.BITMAP_ALL_ALLOC) || h / cs > DedupIndex.MAX_CLUSTER) {
                     continue;
                 }
                 long guest = (long) i * geo.l2Entries() + j;
-                if (!seen.add(h / cs)) {
-                    dedup.shared(h / cs, guest);
+                int hc = (int) (h / cs);
+                if (seen.get(hc)) {
+                    dedup.shared(hc, guest);
                     continue;
                 }
-                dataFile.readFully(ByteBuffer.wrap(buf), h);
-                dedup.stored(Deduplicator.sha256(buf, 0, buf.length), h / cs, guest);
+                seen.set(hc);
+                if (knownHas != null ? knownHas.get(hc) : known != null && known.fragmentOf(hc) != null) {
+                    dedup.storedFragment(knownHas != null ? knownFrag[hc] : known.fragmentOf(hc), hc, guest);
+                    continue;
+                }
+                if (nHash == toHash.length) {
+                    toHash = java.util.Arrays.copyOf(toHash, nHash * 2);
+                    toHashGuest = java.util.Arrays.copyOf(toHashGuest, nHash * 2);
+                }
+                dedup.ownedBy(hc, guest); // before any later user of the cluster is recorded as a sharer
+                toHash[nHash] = hc;
+                toHashGuest[nHash++] = guest;
             }
         }
+        if (nHash > 0) {
+            int[] frags = hashClusters(toHash, nHash);
+            for (int k = 0; k < nHash; k++) {
+                dedup.storedFragment(frags[k], toHash[k], toHashGuest[k]);
+            }
+        }
+        indexSource = known != null ? (nHash == 0 ? "index file" : "index file, " + nHash + " clusters hashed again")
+                : "scan of the image (" + indexFileProblem + ")";
+    }
+
+    /**
+     * Reads every active L2 table once with many reads in flight, so that the scan that follows finds them in the
+     * page cache: on a cold cache the tables are scattered through the file and one read at a time waits for each.
+     */
+    private void prefetchL2Tables() {
+        long[] tables = java.util.Arrays.stream(img.l1).map(e -> e & L2Entry.L1_OFFSET_MASK).filter(o -> o != 0).toArray();
+        if (tables.length < 64) {
+            return;
+        }
+        int tableBytes = (int) Math.min(cs, (long) geo.l2Entries() * 8 * step());
+        java.util.concurrent.ExecutorService pool = java.util.concurrent.Executors.newFixedThreadPool(16, r -> {
+            Thread t = new Thread(r, "l2-prefetch");
+            t.setDaemon(true);
+            return t;
+        });
+        try {
+            java.util.concurrent.atomic.AtomicInteger next = new java.util.concurrent.atomic.AtomicInteger();
+            List<java.util.concurrent.Future<?>> fs = new ArrayList<>();
+            for (int w = 0; w < 16; w++) {
+                fs.add(pool.submit(() -> {
+                    ByteBuffer b = org.qdedup.io.Buffers.direct(tableBytes);
+                    for (int i; (i = next.getAndIncrement()) < tables.length; ) {
+                        file.read(b.clear(), tables[i]);
+                    }
+                    return null;
+                }));
+            }
+            for (var f : fs) {
+                f.get();
+            }
+        } catch (Exception e) {
+            // only a hint: the scan reads the tables itself
+        } finally {
+            pool.shutdownNow();
+        }
+    }
+
+    /** In-RAM keys of the given host clusters, read in host order in large runs and hashed on every core. */
+    private int[] hashClusters(long[] clusters, int n) throws IOException {
+        Integer[] order = new Integer[n];
+        for (int i = 0; i < n; i++) {
+            order[i] = i;
+        }
+        java.util.Arrays.sort(order, (a, b) -> Long.compare(clusters[a], clusters[b]));
+        // Runs of adjacent clusters, at most 1 MiB each, are the units of work.
+        int maxRun = (int) Math.max(1, (1 << 20) / cs);
+        List<int[]> runs = new ArrayList<>();
+        for (int i = 0; i < n; ) {
+            int j = i + 1;
+            while (j < n && j - i < maxRun && clusters[order[j]] == clusters[order[j - 1]] + 1) {
+                j++;
+            }
+            runs.add(new int[]{i, j});
+            i = j;
+        }
+        int[] frags = new int[n];
+        java.util.function.LongConsumer progress = rebuildProgress;
+        java.util.concurrent.atomic.AtomicLong done = new java.util.concurrent.atomic.AtomicLong();
+        try {
+            runs.parallelStream().forEach(r -> {
+                int len = r[1] - r[0];
+                byte[] buf = new byte[(int) (len * cs)];
+                try {
+                    dataFile.readFully(ByteBuffer.wrap(buf), clusters[order[r[0]]] * cs);
+                } catch (IOException e) {
+                    throw new java.io.UncheckedIOException(e);
+                }
+                for (int k = 0; k < len; k++) {
+                    frags[order[r[0] + k]] = DedupIndex.fragment(Deduplicator.sha256(buf, (int) (k * cs), (int) cs));
+                }
+                progress.accept(done.addAndGet(buf.length));
+            });
+        } catch (java.io.UncheckedIOException e) {
+            throw e.getCause();
+        }
+        return frags;
     }
 
     /**
@@ -1112,11 +1340,17 @@ public final class Qcow2Writer {
         if (failed == null) {
             flush();
             Header h = header();
-            if (h.dirty() && headerPrepared) {
+            boolean persist = dedup != null && dedupLoaded && headerPrepared && h.version() == 3 && file.location() != null;
+            if ((h.dirty() && headerPrepared) || persist) {
                 img.meta.lock();
                 try {
                     sync();
-                    updateHeader(h.withIncompatible(h.incompatibleFeatures() & ~Features.INCOMPAT_DIRTY));
+                    Header clean = h.withIncompatible(h.incompatibleFeatures() & ~Features.INCOMPAT_DIRTY);
+                    if (persist) {
+                        persistDedupIndex(clean);
+                    } else {
+                        updateHeader(clean);
+                    }
                 } finally {
                     img.meta.unlock();
                 }

@@ -440,7 +440,8 @@ public final class Refcounts {
         if (newEnd < end) {
             file.truncate(newEnd << clusterBits);
         }
-        if (file instanceof org.qdedup.io.FileBlockFile f) {
+        {
+            BlockFile f = file;
             // Only clusters still free now: one freed earlier may have been allocated again since.
             java.util.List<Long> free = new java.util.ArrayList<>();
             for (long c : freed) {

@@ -43,6 +43,24 @@ public interface BlockFile extends Closeable {
         return size();
     }
 
+    /** Gives a range back to the host file system (it then reads as zeros); false when it cannot. */
+    default boolean punchHole(long offset, long length) throws IOException {
+        return false;
+    }
+
+    /**
+     * What identifies this file's current state from outside: size, inode, change and modification times. Any
+     * write by anyone changes it. Null when the file layer cannot tell (then nothing is tied to the file).
+     */
+    default FileStamp stamp() throws IOException {
+        return null;
+    }
+
+    /** Where the file lives, so that companion files can sit beside it; null for files without a place. */
+    default java.nio.file.Path location() {
+        return null;
+    }
+
     /** Reads exactly {@code dst.remaining()} bytes, filling with zeros past end of file. */
     default void readFully(ByteBuffer dst, long pos) throws IOException {
         int want = dst.remaining();

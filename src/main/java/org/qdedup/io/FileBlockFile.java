@@ -123,6 +123,19 @@ public final class FileBlockFile implements BlockFile {
     }
 
     @Override
+    public FileStamp stamp() throws IOException {
+        java.util.Map<String, Object> a = java.nio.file.Files.readAttributes(path, "unix:size,ino,ctime,lastModifiedTime");
+        return new FileStamp((Long) a.get("size"), (Long) a.get("ino"),
+                ((java.nio.file.attribute.FileTime) a.get("ctime")).to(java.util.concurrent.TimeUnit.NANOSECONDS),
+                ((java.nio.file.attribute.FileTime) a.get("lastModifiedTime")).to(java.util.concurrent.TimeUnit.NANOSECONDS));
+    }
+
+    @Override
+    public Path location() {
+        return path;
+    }
+
+    @Override
     public long size() throws IOException {
         return channel.size();
     }
@@ -248,7 +261,7 @@ public final class FileBlockFile implements BlockFile {
         return fd == null ? size() : fd.allocatedBytes();
     }
 
-    /** Gives a range back to the host file system; false when it cannot. */
+    @Override
     public boolean punchHole(long offset, long length) throws IOException {
         return writable && fd != null && fd.punchHole(offset, length);
     }

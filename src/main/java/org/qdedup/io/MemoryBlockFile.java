@@ -5,7 +5,7 @@ import java.nio.ByteBuffer;
 import java.util.Arrays;
 
 /** An in-memory file for tests. */
-public final class MemoryBlockFile implements BlockFile {
+public final class MemoryBlockFile extends InMemoryFile {
     private final String name;
     private byte[] data;
     private int size;

@@ -12,7 +12,7 @@ import java.util.Random;
  * it would be after a power cut at any point: what was flushed survives; unflushed operations are dropped, or any
  * subset of them kept, or all kept with the last one torn at a 512-byte boundary. For crash tests.
  */
-public final class PowerCutFile implements BlockFile {
+public final class PowerCutFile extends InMemoryFile {
     /** What happens to operations issued after the last flush before the cut. */
     public enum Mode { DROP_UNFLUSHED, RANDOM_SUBSET, TEAR_LAST }
 
