@@ -978,11 +978,7 @@ class FormatMatrixTest {
 
     @Test
     void convertCompressedMatchesQemuOnAnExt4Image() throws Exception {
-        Qemu.Result which = Qemu.exec(dir, List.of("sh", "-c", "command -v mke2fs || ls /usr/sbin/mke2fs /sbin/mke2fs"));
-        if (which.exit() != 0) {
-            fail("mke2fs not found: apt-get install -y e2fsprogs");
-        }
-        String mke2fs = which.out().strip().lines().findFirst().orElseThrow();
+        String mke2fs = Qemu.mke2fs(dir);
         Path tree = dir.resolve("tree");
         long budget = 180L << 20;
         long copied = 0;

@@ -105,4 +105,13 @@ final class Qemu {
         }
         return r.out();
     }
+
+    /** The mke2fs binary (e2fsprogs), failing the test with the install hint when it is missing. */
+    static String mke2fs(Path dir) {
+        Result which = exec(dir, List.of("sh", "-c", "command -v mke2fs || ls /usr/sbin/mke2fs /sbin/mke2fs"));
+        if (which.exit() != 0) {
+            org.assertj.core.api.Assertions.fail("mke2fs not found: apt-get install -y e2fsprogs");
+        }
+        return which.out().strip().lines().findFirst().orElseThrow();
+    }
 }

@@ -71,7 +71,7 @@ final class CheckCommand implements Callable<Integer> {
             if (json) {
                 Map<String, Object> m = json(r);
                 if (idx != null) {
-                    m.put("dedup-index", idx.inSync() ? "in-sync" : "rebuild");
+                    m.put("dedup-index", idx.state());
                     if (idx.inSync()) {
                         m.put("dedup-index-entries", (long) idx.contents().clusters().length);
                     }

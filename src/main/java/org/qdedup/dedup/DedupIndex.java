@@ -61,7 +61,11 @@ public final class DedupIndex {
      * They are candidates: confirm each on the full hash of its content.
      */
     public int candidates(byte[] sha256, long[] out) {
-        int frag = fragment(sha256);
+        return candidatesOfFragment(fragment(sha256), out);
+    }
+
+    /** {@link #candidates} for an in-RAM key. */
+    public int candidatesOfFragment(int frag, long[] out) {
         int n = 0;
         for (int i = home(frag); slots[i] != EMPTY; i = next(i)) {
             if (fragOf(slots[i]) == frag && n < out.length) {
@@ -69,6 +73,14 @@ public final class DedupIndex {
             }
         }
         return n;
+    }
+
+    /** The in-RAM key recorded for an indexed host cluster. */
+    public int fragmentOfCluster(long cluster) {
+        if (!containsCluster(cluster)) {
+            throw new IllegalArgumentException("cluster " + cluster + " is not indexed");
+        }
+        return fragOf(slots[slotOf[(int) cluster] - 1]);
     }
 
     public boolean containsCluster(long cluster) {

@@ -17,6 +17,11 @@ public final class DedupIndexFile {
         public boolean inSync() {
             return contents != null;
         }
+
+        /** The state as the JSON of check and stats names it: in-sync, absent (no index file), rebuilt. */
+        public String state() {
+            return contents != null ? "in-sync" : path == null || !java.nio.file.Files.exists(path) ? "absent" : "rebuilt";
+        }
     }
 
     private DedupIndexFile() {

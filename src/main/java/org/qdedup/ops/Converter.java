@@ -1,18 +1,11 @@
 package org.qdedup.ops;
 
-import org.qdedup.io.Buffers;
 import java.io.IOException;
 import java.nio.ByteBuffer;
-import java.util.ArrayList;
-import java.util.List;
-import java.util.concurrent.ExecutionException;
-import java.util.concurrent.ExecutorService;
-import java.util.concurrent.Executors;
-import java.util.concurrent.Future;
-import java.util.concurrent.atomic.AtomicLong;
 import org.qdedup.image.BlockDevice;
 import org.qdedup.image.ChainStatus;
 import org.qdedup.io.BlockFile;
+import org.qdedup.io.Buffers;
 import org.qdedup.io.FileBlockFile;
 
 /**
@@ -130,46 +123,13 @@ public final class Converter {
         long size = src.size();
         // More workers than cores: with a cold cache they keep several reads in flight, as qemu-img's coroutines do.
         int threads = Integer.getInteger("qdedup.convert.threads", Math.max(4, 2 * Runtime.getRuntime().availableProcessors()));
-        AtomicLong next = new AtomicLong();
-        ExecutorService pool = Executors.newFixedThreadPool(threads, r -> {
-            Thread t = new Thread(r, "convert");
-            t.setDaemon(true);
-            return t;
+        ParallelChunks.run(size, CHUNK, threads, "convert", () -> {
+            ByteBuffer buf = Buffers.direct(CHUNK);
+            return (start, end) -> {
+                copyChunk(src, target, freshTarget, start, end, buf);
+                progress.add(end - start);
+            };
         });
-        try {
-            List<Future<?>> fs = new ArrayList<>();
-            for (int i = 0; i < threads; i++) {
-                fs.add(pool.submit(() -> {
-                    ByteBuffer buf = Buffers.direct(CHUNK);
-                    for (;;) {
-                        long start = next.getAndAdd(CHUNK);
-                        if (start >= size) {
-                            return null;
-                        }
-                        long end = Math.min(size, start + CHUNK);
-                        copyChunk(src, target, freshTarget, start, end, buf);
-                        progress.add(end - start);
-                    }
-                }));
-            }
-            for (Future<?> f : fs) {
-                f.get();
-            }
-        } catch (InterruptedException e) {
-            Thread.currentThread().interrupt();
-            throw new IOException("interrupted", e);
-        } catch (ExecutionException e) {
-            Throwable c = e.getCause();
-            if (c instanceof IOException io) {
-                throw io;
-            }
-            if (c instanceof RuntimeException re) {
-                throw re;
-            }
-            throw new IOException(c);
-        } finally {
-            pool.shutdownNow();
-        }
     }
 
     private static void copyChunk(BlockDevice src, Target target, boolean fresh, long start, long end, ByteBuffer buf)
