@@ -45,6 +45,8 @@ final class Demo {
             step(out, "compare", raw.toString(), before.toString());
             Path packed = dir.resolve("sample-zstd.qcow2");
             step(out, "convert", "-c", "-O", "qcow2", "-o", "compression_type=zstd", raw.toString(), packed.toString());
+            out.println("== what would dedup save? (reads the disk, writes nothing)");
+            step(out, "estimate", raw.toString());
             Path deduped = dir.resolve("sample-dedup.qcow2");
             long t1 = System.nanoTime();
             step(out, "convert", "--dedup", "-O", "qcow2", raw.toString(), deduped.toString());
@@ -56,6 +58,14 @@ final class Demo {
                     + "(the 4 copies stored once): dedup saved %d bytes, ratio %.2f%n", Sizes.human(plainSize),
                     Sizes.human(Files.size(packed)), Sizes.human(dedupSize), secs, plainSize - dedupSize,
                     (double) plainSize / dedupSize);
+            out.println("== dedup in place of an existing image (a plain qcow2 copy, as qemu-img would make it)");
+            Path inPlace = dir.resolve("sample-in-place.qcow2");
+            step(out, "convert", "-O", "qcow2", "-o", "cluster_size=4k", raw.toString(), inPlace.toString());
+            long t2 = System.nanoTime();
+            step(out, "dedup", inPlace.toString());
+            out.printf("   deduped in place in %.2f s%n", (System.nanoTime() - t2) / 1e9);
+            step(out, "stats", inPlace.toString());
+            step(out, "check", inPlace.toString());
             return 0;
         } finally {
             try (Stream<Path> s = Files.walk(dir)) {
