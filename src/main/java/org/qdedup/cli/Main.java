@@ -11,7 +11,7 @@ import picocli.CommandLine.Command;
 @Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
         description = "QCOW2 images with online deduplication.",
         subcommands = {InfoCommand.class, MapCommand.class, CheckCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class,
-                SnapshotCommand.class, ResizeCommand.class, CommitCommand.class, RebaseCommand.class, StatsCommand.class, EstimateCommand.class, DedupCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
+                SnapshotCommand.class, ResizeCommand.class, CommitCommand.class, RebaseCommand.class, StatsCommand.class, EstimateCommand.class, DedupCommand.class, ServeCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
 public final class Main implements Runnable {
     @CommandLine.Spec
     CommandLine.Model.CommandSpec spec;

@@ -30,7 +30,7 @@ public final class Deduplicator {
 
     /** Counters for stats and metrics. */
     public static final class Counters {
-        public long hits, misses, inplaceRewrites, backingEqual, zeroClusters, ceilingHits, fragmentCollisions;
+        public long hits, misses, inplaceRewrites, backingEqual, zeroClusters, ceilingHits, fragmentCollisions, unalignedRmw;
     }
 
     private final DedupIndex index;

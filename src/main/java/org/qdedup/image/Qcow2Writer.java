@@ -199,6 +199,16 @@ public final class Qcow2Writer {
         return new InPlaceResult(examined, shared, zeros);
     }
 
+    private volatile boolean sharing = true;
+
+    /**
+     * Whether new writes may share clusters (on by default). Off (serve --no-dedup), writes store their own
+     * clusters, but the index still follows every change, so it stays right for when sharing is on again.
+     */
+    public void dedupSharing(boolean on) {
+        sharing = on;
+    }
+
     /** Entries in the dedup index now (0 before it is loaded). */
     public int dedupIndexEntries() {
         return dedup == null ? 0 : dedup.index().size();
@@ -649,7 +659,7 @@ public final class Qcow2Writer {
                 return true; // the backing chain shows this already: keep falling through
             }
         }
-        long target = dedup.find(sha, data, off, len, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
+        long target = !sharing ? -1 : dedup.find(sha, data, off, len, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
         if (target >= 0 && target * cs == host) {
             n.inplaceRewrites++;
             return true;
@@ -894,7 +904,7 @@ public final class Qcow2Writer {
                 Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
                 boolean same = k != null && java.util.Arrays.equals(arr, base + fresh[k] * c, base + fresh[k] * c + c,
                         arr, base + i * c, base + i * c + c);
-                if (same && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
+                if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
                     copiesOfFresh.add(new int[]{i, k});
                 } else {
                     if (same && dedup.allows(2)) {
@@ -944,6 +954,7 @@ public final class Qcow2Writer {
             long b = bitmapAt(r, idx);
             if (dedup != null) {
                 // Whole clusters only: read what the write does not cover, then dedup the cluster.
+                dedup.counters().unalignedRmw++;
                 byte[] full = new byte[(int) cs];
                 long avail = Math.min(cs, img.size() - cstart);
                 img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);

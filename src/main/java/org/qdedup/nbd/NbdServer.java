@@ -1,0 +1,468 @@
+package org.qdedup.nbd;
+
+import static org.qdedup.nbd.NbdProtocol.*;
+
+import java.io.EOFException;
+import java.io.IOException;
+import java.net.SocketAddress;
+import java.nio.ByteBuffer;
+import java.nio.channels.ClosedChannelException;
+import java.nio.channels.ServerSocketChannel;
+import java.nio.channels.SocketChannel;
+import java.nio.charset.StandardCharsets;
+import java.util.Set;
+import java.util.concurrent.ConcurrentHashMap;
+import java.util.concurrent.ExecutorService;
+import java.util.concurrent.Executors;
+import java.util.concurrent.Semaphore;
+import java.util.concurrent.TimeUnit;
+import java.util.concurrent.atomic.AtomicLong;
+import java.util.concurrent.locks.ReentrantLock;
+import org.qdedup.image.BlockDevice;
+import org.qdedup.image.ChainStatus;
+import org.qdedup.image.WritableDevice;
+
+/**
+ * Serves one image over NBD (fixed newstyle handshake, structured replies, base:allocation): the export handler.
+ * Each connection reads requests in order and runs them concurrently, answering each as it completes; replies of
+ * one connection are written one at a time. Bad input from a client ends that client's connection, never the
+ * server, and never reaches the image unchecked.
+ */
+public final class NbdServer implements AutoCloseable {
+    /** Largest READ or WRITE payload accepted. */
+    public static final int MAX_PAYLOAD = 32 << 20;
+    /** Largest option payload in the handshake. */
+    static final int MAX_OPTION = 64 << 10;
+    /** Requests in flight per connection before the reader waits. */
+    static final int MAX_IN_FLIGHT = 64;
+
+    /** Counters for --metrics. */
+    public static final class Counters {
+        public final AtomicLong reads = new AtomicLong(), writes = new AtomicLong(), flushes = new AtomicLong(),
+                trims = new AtomicLong(), zeroWrites = new AtomicLong();
+    }
+
+    private final BlockDevice image;
+    private final WritableDevice writable;
+    private final String exportName;
+    private final int maxClients;
+    private final Counters counters = new Counters();
+    private final ServerSocketChannel listener;
+    private final Set<SocketChannel> clients = ConcurrentHashMap.newKeySet();
+    private final ExecutorService threads = Executors.newVirtualThreadPerTaskExecutor();
+    private final Semaphore clientSlots;
+    private volatile boolean closing;
+
+    /**
+     * @param image      the device to export; written to when it is a {@link WritableDevice} and not read-only
+     * @param maxClients clients served at once, 0 for any number
+     */
+    public NbdServer(BlockDevice image, boolean readOnly, String exportName, int maxClients, ServerSocketChannel listener) {
+        this.image = image;
+        this.writable = !readOnly && image instanceof WritableDevice w ? w : null;
+        this.exportName = exportName;
+        this.maxClients = maxClients;
+        this.listener = listener;
+        this.clientSlots = new Semaphore(maxClients > 0 ? maxClients : Integer.MAX_VALUE);
+    }
+
+    public Counters counters() {
+        return counters;
+    }
+
+    /** Accepts clients until {@link #close()}; returns then. */
+    public void serve() throws IOException {
+        while (!closing) {
+            SocketChannel c;
+            try {
+                c = listener.accept();
+            } catch (ClosedChannelException e) {
+                return;
+            }
+            if (!clientSlots.tryAcquire()) {
+                c.close(); // -e N: more clients than allowed at once
+                continue;
+            }
+            clients.add(c);
+            threads.submit(() -> {
+                try (c) {
+                    new Connection(c).run();
+                } catch (IOException | RuntimeException e) {
+                    // the client's problem: its connection ends, the server goes on
+                } finally {
+                    clients.remove(c);
+                    clientSlots.release();
+                }
+            });
+        }
+    }
+
+    /** Stops accepting, lets requests in flight finish (up to a few seconds), then closes the connections. */
+    @Override
+    public void close() throws IOException {
+        closing = true;
+        listener.close();
+        for (SocketChannel c : clients) {
+            try {
+                c.shutdownInput();
+            } catch (IOException ignored) {
+                // already gone
+            }
+        }
+        threads.shutdown();
+        try {
+            threads.awaitTermination(10, TimeUnit.SECONDS);
+        } catch (InterruptedException e) {
+            Thread.currentThread().interrupt();
+        }
+        for (SocketChannel c : clients) {
+            c.close();
+        }
+    }
+
+    private int transmissionFlags() {
+        int f = TF_HAS_FLAGS | TF_SEND_FLUSH | TF_SEND_FUA | TF_SEND_CACHE | TF_CAN_MULTI_CONN;
+        if (writable == null) {
+            f |= TF_READ_ONLY;
+        } else {
+            f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
+        }
+        return f;
+    }
+
+    /** One client. */
+    private final class Connection {
+        private final SocketChannel ch;
+        private final ReentrantLock replyLock = new ReentrantLock();
+        private final Semaphore inFlight = new Semaphore(MAX_IN_FLIGHT);
+        private boolean structured;
+        private boolean noZeroes;
+        private int allocationContext; // 0: not negotiated
+
+        Connection(SocketChannel ch) {
+            this.ch = ch;
+        }
+
+        void run() throws IOException {
+            writeFully(ch, serverGreeting());
+            int clientFlags = readFully(ch, ByteBuffer.allocate(4)).getInt();
+            if ((clientFlags & FLAG_FIXED_NEWSTYLE) == 0 || (clientFlags & ~(FLAG_FIXED_NEWSTYLE | FLAG_NO_ZEROES)) != 0) {
+                return; // not a fixed-newstyle client, or flags we do not know: the spec says disconnect
+            }
+            noZeroes = (clientFlags & FLAG_NO_ZEROES) != 0;
+            if (!negotiate()) {
+                return;
+            }
+            transmit();
+        }
+
+        /** The option haggling; true when the client moved to transmission. */
+        private boolean negotiate() throws IOException {
+            for (;;) {
+                ByteBuffer h = readFully(ch, ByteBuffer.allocate(16));
+                if (h.getLong() != IHAVEOPT) {
+                    return false;
+                }
+                int opt = h.getInt();
+                long len = Integer.toUnsignedLong(h.getInt());
+                if (len > MAX_OPTION) {
+                    return false; // no client needs this much; reading it would only let it make us wait
+                }
+                ByteBuffer data = readFully(ch, ByteBuffer.allocate((int) len));
+                switch (opt) {
+                    case OPT_EXPORT_NAME -> {
+                        String name = StandardCharsets.UTF_8.decode(data).toString();
+                        if (!name.equals(exportName)) {
+                            return false; // no error reply exists for this option
+                        }
+                        ByteBuffer r = ByteBuffer.allocate(noZeroes ? 10 : 134).putLong(image.size())
+                                .putShort((short) transmissionFlags());
+                        writeFully(ch, r.position(r.capacity()).flip());
+                        return true;
+                    }
+                    case OPT_ABORT -> {
+                        writeFully(ch, optionReply(opt, REP_ACK, null));
+                        return false;
+                    }
+                    case OPT_LIST -> {
+                        if (len != 0) {
+                            writeFully(ch, errorReply(opt, REP_ERR_INVALID, "NBD_OPT_LIST takes no data"));
+                            continue;
+                        }
+                        writeFully(ch, optionReply(opt, REP_SERVER, serverEntry(exportName)));
+                        writeFully(ch, optionReply(opt, REP_ACK, null));
+                    }
+                    case OPT_STRUCTURED_REPLY -> {
+                        if (len != 0) {
+                            writeFully(ch, errorReply(opt, REP_ERR_INVALID, "NBD_OPT_STRUCTURED_REPLY takes no data"));
+                            continue;
+                        }
+                        structured = true;
+                        writeFully(ch, optionReply(opt, REP_ACK, null));
+                    }
+                    case OPT_INFO, OPT_GO -> {
+                        if (info(opt, data) && opt == OPT_GO) {
+                            return true;
+                        }
+                    }
+                    case OPT_LIST_META_CONTEXT, OPT_SET_META_CONTEXT -> metaContext(opt, data);
+                    default -> writeFully(ch, errorReply(opt, REP_ERR_UNSUP, "option " + opt + " is not supported"));
+                }
+            }
+        }
+
+        /** NBD_OPT_INFO and NBD_OPT_GO; true when the export was found and described. */
+        private boolean info(int opt, ByteBuffer d) throws IOException {
+            if (d.remaining() < 6) {
+                writeFully(ch, errorReply(opt, REP_ERR_INVALID, "option too short"));
+                return false;
+            }
+            long nameLen = Integer.toUnsignedLong(d.getInt());
+            if (nameLen > d.remaining() - 2) {
+                writeFully(ch, errorReply(opt, REP_ERR_INVALID, "export name longer than the option"));
+                return false;
+            }
+            byte[] n = new byte[(int) nameLen];
+            d.get(n);
+            int requests = Short.toUnsignedInt(d.getShort());
+            if (d.remaining() != 2 * requests) {
+                writeFully(ch, errorReply(opt, REP_ERR_INVALID, "information request count does not match the option length"));
+                return false;
+            }
+            String name = new String(n, StandardCharsets.UTF_8);
+            if (!name.equals(exportName)) {
+                writeFully(ch, errorReply(opt, REP_ERR_UNKNOWN, "no export named '" + name + "'"));
+                return false;
+            }
+            writeFully(ch, optionReply(opt, REP_INFO, infoExport(image.size(), transmissionFlags())));
+            writeFully(ch, optionReply(opt, REP_INFO, infoBlockSize(1, 4096, MAX_PAYLOAD)));
+            writeFully(ch, optionReply(opt, REP_ACK, null));
+            return true;
+        }
+
+        private void metaContext(int opt, ByteBuffer d) throws IOException {
+            if (opt == OPT_SET_META_CONTEXT && !structured) {
+                writeFully(ch, errorReply(opt, REP_ERR_INVALID, "meta contexts need structured replies first"));
+                return;
+            }
+            try {
+                long nameLen = Integer.toUnsignedLong(d.getInt());
+                if (nameLen > d.remaining()) {
+                    throw new java.nio.BufferUnderflowException();
+                }
+                byte[] n = new byte[(int) nameLen];
+                d.get(n);
+                String name = new String(n, StandardCharsets.UTF_8);
+                long queries = Integer.toUnsignedLong(d.getInt());
+                boolean wantAllocation = opt == OPT_LIST_META_CONTEXT && queries == 0;
+                for (long q = 0; q < queries; q++) {
+                    long ql = Integer.toUnsignedLong(d.getInt());
+                    if (ql > d.remaining()) {
+                        throw new java.nio.BufferUnderflowException();
+                    }
+                    byte[] qb = new byte[(int) ql];
+                    d.get(qb);
+                    String query = new String(qb, StandardCharsets.UTF_8);
+                    if (query.equals(BASE_ALLOCATION) || (opt == OPT_LIST_META_CONTEXT && query.equals("base:"))) {
+                        wantAllocation = true;
+                    }
+                }
+                if (d.hasRemaining()) {
+                    throw new java.nio.BufferUnderflowException();
+                }
+                if (!name.equals(exportName)) {
+                    writeFully(ch, errorReply(opt, REP_ERR_UNKNOWN, "no export named '" + name + "'"));
+                    return;
+                }
+                if (opt == OPT_SET_META_CONTEXT) {
+                    allocationContext = wantAllocation ? 1 : 0;
+                }
+                if (wantAllocation) {
+                    writeFully(ch, optionReply(opt, REP_META_CONTEXT, NbdProtocol.metaContext(1, BASE_ALLOCATION)));
+                }
+                writeFully(ch, optionReply(opt, REP_ACK, null));
+            } catch (java.nio.BufferUnderflowException e) {
+                writeFully(ch, errorReply(opt, REP_ERR_INVALID, "malformed meta context option"));
+            }
+        }
+
+        private void transmit() throws IOException {
+            try {
+                for (;;) {
+                    Request r = decodeRequest(readFully(ch, ByteBuffer.allocate(28)));
+                    if (r.type() == CMD_DISC) {
+                        break;
+                    }
+                    ByteBuffer payload = null;
+                    if (r.type() == CMD_WRITE) {
+                        if (r.length() > MAX_PAYLOAD) {
+                            // We cannot skip what we will not read: answer, then end the connection.
+                            reply(r, EOVERFLOW, "write of " + r.length() + " bytes is over the 32 MiB limit");
+                            return;
+                        }
+                        payload = readFully(ch, ByteBuffer.allocate((int) r.length()));
+                    }
+                    inFlight.acquireUninterruptibly();
+                    ByteBuffer p = payload;
+                    threads.submit(() -> {
+                        try {
+                            execute(r, p);
+                        } catch (IOException e) {
+                            try {
+                                ch.close();
+                            } catch (IOException ignored) {
+                                // already closed
+                            }
+                        } finally {
+                            inFlight.release();
+                        }
+                    });
+                }
+            } catch (EOFException e) {
+                // the client went away: requests in flight still finish below
+            } finally {
+                inFlight.acquireUninterruptibly(MAX_IN_FLIGHT); // wait for every request in flight
+                inFlight.release(MAX_IN_FLIGHT);
+            }
+        }
+
+        private void execute(Request r, ByteBuffer payload) throws IOException {
+            long size = image.size();
+            boolean rangeOk = r.offset() >= 0 && r.offset() <= size && r.length() <= size - r.offset();
+            switch (r.type()) {
+                case CMD_READ -> {
+                    if (r.length() > MAX_PAYLOAD) {
+                        reply(r, EOVERFLOW, "read of " + r.length() + " bytes is over the 32 MiB limit");
+                    } else if (!rangeOk) {
+                        reply(r, EINVAL, "read past the end of the export");
+                    } else {
+                        ByteBuffer data = ByteBuffer.allocate((int) r.length());
+                        int err = 0;
+                        try {
+                            image.read(data, r.offset());
+                            counters.reads.incrementAndGet();
+                        } catch (IOException e) {
+                            err = EIO;
+                        }
+                        if (err != 0) {
+                            reply(r, err, "read failed");
+                        } else {
+                            replyData(r, data.flip());
+                        }
+                    }
+                }
+                case CMD_WRITE, CMD_WRITE_ZEROES, CMD_TRIM -> {
+                    if (writable == null) {
+                        reply(r, EPERM, "the export is read-only");
+                    } else if (!rangeOk) {
+                        reply(r, EINVAL, "request past the end of the export");
+                    } else {
+                        int err = 0;
+                        try {
+                            if (r.type() == CMD_WRITE) {
+                                writable.write(payload, r.offset());
+                                counters.writes.incrementAndGet();
+                            } else if (r.type() == CMD_WRITE_ZEROES) {
+                                writable.writeZeroes(r.offset(), r.length(), (r.flags() & CMD_FLAG_NO_HOLE) == 0);
+                                counters.zeroWrites.incrementAndGet();
+                            } else {
+                                writable.discard(r.offset(), r.length());
+                                counters.trims.incrementAndGet();
+                            }
+                            if ((r.flags() & CMD_FLAG_FUA) != 0) {
+                                writable.flush();
+                            }
+                        } catch (IOException e) {
+                            err = e.getMessage() != null && e.getMessage().contains("No space") ? ENOSPC : EIO;
+                        }
+                        reply(r, err, err == 0 ? null : "write failed");
+                    }
+                }
+                case CMD_FLUSH -> {
+                    int err = 0;
+                    try {
+                        if (writable != null) {
+                            writable.flush();
+                        }
+                        counters.flushes.incrementAndGet();
+                    } catch (IOException e) {
+                        err = EIO;
+                    }
+                    reply(r, err, err == 0 ? null : "flush failed");
+                }
+                case CMD_CACHE -> reply(r, rangeOk ? 0 : EINVAL, rangeOk ? null : "request past the end of the export");
+                case CMD_BLOCK_STATUS -> {
+                    if (!structured || allocationContext == 0) {
+                        reply(r, EINVAL, "block status needs structured replies and base:allocation");
+                    } else if (!rangeOk || r.length() == 0) {
+                        reply(r, EINVAL, "block status past the end of the export");
+                    } else {
+                        blockStatus(r);
+                    }
+                }
+                default -> reply(r, EINVAL, "unknown command " + r.type());
+            }
+        }
+
+        private void blockStatus(Request r) throws IOException {
+            int max = (r.flags() & CMD_FLAG_REQ_ONE) != 0 ? 1 : 1024;
+            ByteBuffer d = ByteBuffer.allocate(4 + 8 * max).putInt(allocationContext);
+            long pos = r.offset(), end = r.offset() + r.length();
+            int n = 0;
+            try {
+                while (pos < end && n < max) {
+                    ChainStatus.Entry e = ChainStatus.entry(image, pos, Math.min(end - pos, 0xffff_f000L));
+                    long len = Math.min(e.length(), 0xffff_f000L);
+                    if (len <= 0) {
+                        break;
+                    }
+                    int flags = (e.data() ? 0 : STATE_HOLE) | (e.zero() ? STATE_ZERO : 0);
+                    d.putInt((int) len).putInt(flags);
+                    n++;
+                    pos += len;
+                }
+            } catch (IOException e) {
+                reply(r, EIO, "block status failed");
+                return;
+            }
+            d.flip();
+            send(structuredHeader(r.cookie(), REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, d.remaining()), d);
+        }
+
+        private void replyData(Request r, ByteBuffer data) throws IOException {
+            if (structured) {
+                ByteBuffer off = ByteBuffer.allocate(8).putLong(r.offset()).flip();
+                send(structuredHeader(r.cookie(), REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA, 8 + data.remaining()), off, data);
+            } else {
+                send(simpleReply(r.cookie(), 0), data);
+            }
+        }
+
+        private void reply(Request r, int error, String message) throws IOException {
+            if (error == 0) {
+                send(structured ? structuredHeader(r.cookie(), REPLY_FLAG_DONE, REPLY_TYPE_NONE, 0) : simpleReply(r.cookie(), 0));
+            } else if (structured) {
+                send(structuredError(r.cookie(), error, message));
+            } else {
+                send(simpleReply(r.cookie(), error));
+            }
+        }
+
+        private void send(ByteBuffer... parts) throws IOException {
+            replyLock.lock();
+            try {
+                ch.write(parts);
+                for (ByteBuffer p : parts) {
+                    writeFully(ch, p);
+                }
+            } finally {
+                replyLock.unlock();
+            }
+        }
+    }
+
+    /** Where a listener listens, for the ready line. */
+    public static String describe(SocketAddress a) {
+        return a.toString();
+    }
+}
