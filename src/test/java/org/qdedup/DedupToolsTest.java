@@ -11,8 +11,6 @@ import java.security.MessageDigest;
 import java.util.HashSet;
 import java.util.List;
 import java.util.Set;
-import java.util.regex.Matcher;
-import java.util.regex.Pattern;
 import java.util.stream.Stream;
 import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Test;
@@ -71,18 +69,8 @@ class DedupToolsTest {
         return seen.size();
     }
 
-    /** Host clusters qemu-img map shows the active layer using. */
     private long hostClusters(String img, long cs) {
-        Set<Long> hosts = new HashSet<>();
-        Matcher m = Pattern.compile("\"length\": (\\d+),.*\"data\": true, \"offset\": (\\d+)")
-                .matcher(Qemu.img(dir, "map", "--output=json", img));
-        while (m.find()) {
-            long len = Long.parseLong(m.group(1)), off = Long.parseLong(m.group(2));
-            for (long o = off; o < off + len; o += cs) {
-                hosts.add(o / cs);
-            }
-        }
-        return hosts.size();
+        return Qemu.hostClusters(dir, img, cs);
     }
 
     private static long num(Object json, Object... path) {

@@ -12,13 +12,9 @@ import java.nio.charset.StandardCharsets;
 import java.nio.file.Files;
 import java.nio.file.Path;
 import java.util.ArrayList;
-import java.util.HashSet;
 import java.util.List;
 import java.util.Random;
-import java.util.Set;
 import java.util.concurrent.TimeUnit;
-import java.util.regex.Matcher;
-import java.util.regex.Pattern;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
 
@@ -63,16 +59,7 @@ class NbdServeTest {
     }
 
     private long hostClusters(String img, long cs) {
-        Set<Long> hosts = new HashSet<>();
-        Matcher m = Pattern.compile("\"length\": (\\d+),.*\"data\": true, \"offset\": (\\d+)")
-                .matcher(Qemu.img(dir, "map", "--output=json", img));
-        while (m.find()) {
-            long len = Long.parseLong(m.group(1)), off = Long.parseLong(m.group(2));
-            for (long o = off; o < off + len; o += cs) {
-                hosts.add(o / cs);
-            }
-        }
-        return hosts.size();
+        return Qemu.hostClusters(dir, img, cs);
     }
 
     @Test

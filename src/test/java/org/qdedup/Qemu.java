@@ -114,4 +114,18 @@ final class Qemu {
         }
         return which.out().strip().lines().findFirst().orElseThrow();
     }
+
+    /** Host clusters that qemu-img map shows the active layer of an image using. */
+    static long hostClusters(Path dir, String img, long cs) {
+        java.util.Set<Long> hosts = new java.util.HashSet<>();
+        java.util.regex.Matcher m = java.util.regex.Pattern.compile("\"length\": (\\d+),.*\"data\": true, \"offset\": (\\d+)")
+                .matcher(img(dir, "map", "--output=json", img));
+        while (m.find()) {
+            long len = Long.parseLong(m.group(1)), off = Long.parseLong(m.group(2));
+            for (long o = off; o < off + len; o += cs) {
+                hosts.add(o / cs);
+            }
+        }
+        return hosts.size();
+    }
 }

@@ -124,20 +124,10 @@ final class ServeCommand implements Callable<Integer> {
         try {
             Map<String, Object> m = new LinkedHashMap<>();
             if (dev instanceof Qcow2Image q) {
-                DedupStats s = DedupStats.of(q);
-                m.put("virtual-size", s.virtualSize());
-                m.put("cluster-size", s.clusterSize());
-                m.put("dedup", s.dedup());
-                m.put("data-clusters", s.dataClusters());
-                m.put("referenced-clusters", s.referencedClusters());
-                m.put("zero-clusters", s.zeroClusters());
-                m.put("shared-clusters", s.sharedClusters());
-                m.put("saved-bytes", s.savedBytes());
-                m.put("dedup-ratio", Math.round(s.dedupRatio() * 1000) / 1000.0);
-                m.put("index-entries", q.writer() != null && q.writer().dedupIndexEntries() > 0
-                        ? (long) q.writer().dedupIndexEntries() : s.indexEntries());
-                m.put("index-bytes", s.indexBytes());
-                m.put("index-state", s.indexState());
+                m.putAll(StatsCommand.json(DedupStats.of(q)));
+                if (q.writer() != null && q.writer().dedupIndexEntries() > 0) {
+                    m.put("index-entries", (long) q.writer().dedupIndexEntries());
+                }
             }
             NbdServer.Counters c = server.counters();
             m.put("reads", c.reads.get());

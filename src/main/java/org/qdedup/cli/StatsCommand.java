@@ -22,6 +22,24 @@ final class StatsCommand implements Callable<Integer> {
     @Parameters(paramLabel = "IMG")
     String image;
 
+    /** The JSON keys of CLI.md's stats (serve --metrics starts with the same). */
+    static Map<String, Object> json(DedupStats s) {
+        Map<String, Object> m = new LinkedHashMap<>();
+        m.put("virtual-size", s.virtualSize());
+        m.put("cluster-size", s.clusterSize());
+        m.put("dedup", s.dedup());
+        m.put("data-clusters", s.dataClusters());
+        m.put("referenced-clusters", s.referencedClusters());
+        m.put("zero-clusters", s.zeroClusters());
+        m.put("shared-clusters", s.sharedClusters());
+        m.put("saved-bytes", s.savedBytes());
+        m.put("dedup-ratio", Math.round(s.dedupRatio() * 1000) / 1000.0);
+        m.put("index-entries", s.indexEntries());
+        m.put("index-bytes", s.indexBytes());
+        m.put("index-state", s.indexState());
+        return m;
+    }
+
     @Override
     public Integer call() throws Exception {
         boolean json = OutputFormat.json(output);
@@ -30,19 +48,7 @@ final class StatsCommand implements Callable<Integer> {
                 throw new CliException(image + ": stats needs a qcow2 image");
             }
             DedupStats s = DedupStats.of(q);
-            Map<String, Object> m = new LinkedHashMap<>();
-            m.put("virtual-size", s.virtualSize());
-            m.put("cluster-size", s.clusterSize());
-            m.put("dedup", s.dedup());
-            m.put("data-clusters", s.dataClusters());
-            m.put("referenced-clusters", s.referencedClusters());
-            m.put("zero-clusters", s.zeroClusters());
-            m.put("shared-clusters", s.sharedClusters());
-            m.put("saved-bytes", s.savedBytes());
-            m.put("dedup-ratio", Math.round(s.dedupRatio() * 1000) / 1000.0);
-            m.put("index-entries", s.indexEntries());
-            m.put("index-bytes", s.indexBytes());
-            m.put("index-state", s.indexState());
+            Map<String, Object> m = json(s);
             PrintStream out = Context.out();
             if (json) {
                 out.println(Json.pretty(m));
