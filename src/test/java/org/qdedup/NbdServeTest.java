@@ -139,4 +139,56 @@ class NbdServeTest {
         }
         FormatMatrixTest.assertClean(dir, img);
     }
+
+    private static long distinctNonZero(Path raw, int cs) throws Exception {
+        byte[] all = Files.readAllBytes(raw);
+        java.util.Set<String> seen = new java.util.HashSet<>();
+        byte[] zero = new byte[cs];
+        java.security.MessageDigest md = java.security.MessageDigest.getInstance("SHA-256");
+        for (int off = 0; off + cs <= all.length; off += cs) {
+            if (!java.util.Arrays.equals(all, off, off + cs, zero, 0, cs)) {
+                md.update(all, off, cs);
+                seen.add(java.util.HexFormat.of().formatHex(md.digest()));
+            }
+        }
+        return seen.size();
+    }
+
+    private static List<String> fioJob(String... engine) {
+        List<String> cmd = new ArrayList<>(List.of("fio", "--name=dedup", "--rw=randwrite", "--bs=4k", "--size=16M",
+                "--iodepth=1", "--dedupe_percentage=60", "--randseed=4242", "--output=/dev/null"));
+        cmd.addAll(List.of(engine));
+        return cmd;
+    }
+
+    @Test
+    void fioDuplicateWritesMatchTheSameJobOnARawFileAndAreStoredOnce() throws Exception {
+        String img = dir.resolve("f.qcow2").toString();
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img, "16M").rc()).isZero();
+        Path raw = dir.resolve("f.raw");
+        Qemu.exec(dir, fioJob("--ioengine=psync", "--filename=" + raw)).ok();
+        try (Server s = new Server("--socket", dir.resolve("f.sock").toString(), img)) {
+            Qemu.exec(dir, fioJob("--ioengine=nbd", "--uri=" + s.uri)).ok();
+            run("qemu-img", "compare", "-f", "raw", "-F", "raw", raw.toString(), s.uri);
+            assertThat(s.stop()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+        run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, raw.toString());
+        long distinct = distinctNonZero(raw, 4096);
+        assertThat(distinct).as("fio reused buffers").isLessThan(4096 * 7 / 10);
+        assertThat(hostClusters(img, 4096)).as("stored data clusters = distinct non-zero clusters").isEqualTo(distinct);
+    }
+
+    @Test
+    void fioVerifiesItsWritesAtIodepth16() throws Exception {
+        String img = dir.resolve("v.qcow2").toString();
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img, "32M").rc()).isZero();
+        try (Server s = new Server("--socket", dir.resolve("v.sock").toString(), img)) {
+            Qemu.exec(dir, List.of("fio", "--name=verify", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
+                    "--bs=4k", "--size=32M", "--iodepth=16", "--verify=crc32c", "--do_verify=1", "--randseed=7",
+                    "--output=/dev/null")).ok();
+            assertThat(s.stop()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+    }
 }
