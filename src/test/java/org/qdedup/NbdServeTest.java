@@ -55,7 +55,11 @@ class NbdServeTest {
     }
 
     private Qemu.Result run(String... cmd) {
-        return Qemu.exec(dir, List.of(cmd)).ok();
+        Qemu.Result r = Qemu.exec(dir, List.of(cmd)).ok();
+        if (cmd[0].equals("qemu-io")) {
+            assertThat(r.out() + r.err()).as("qemu-io output").doesNotContain("failed");
+        }
+        return r;
     }
 
     private long hostClusters(String img, long cs) {
@@ -84,6 +88,7 @@ class NbdServeTest {
             run("nbdcopy", dir.resolve("src.raw").toString(), s.uri);
             run("qemu-img", "compare", "-f", "raw", "-F", "raw", dir.resolve("src.raw").toString(), s.uri);
             run("nbdcopy", s.uri, dir.resolve("back.raw").toString());
+            run("qemu-img", "convert", "-n", "-f", "raw", "-O", "raw", dir.resolve("src.raw").toString(), s.uri);
             assertThat(Files.mismatch(dir.resolve("src.raw"), dir.resolve("back.raw"))).isEqualTo(-1);
             // qemu-io pattern writes and reads, a write of zeros and a discard
             run("qemu-io", "-f", "raw", "-c", "write -P 0x5a 13M 64k", "-c", "read -P 0x5a 13M 64k",
@@ -115,6 +120,8 @@ class NbdServeTest {
             assertThat(s.uri).startsWith("nbd://127.0.0.1:").endsWith("/disk");
             assertThat(run("nbdinfo", s.uri).out()).contains("is_read_only: true");
             run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, s.uri);
+            run("qemu-img", "convert", "-f", "raw", "-O", "raw", s.uri, dir.resolve("tcp.raw").toString());
+            run("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, dir.resolve("tcp.raw").toString());
             Qemu.Result w = Qemu.exec(dir, List.of("qemu-io", "-f", "raw", "-c", "write -P 1 0 4k", s.uri));
             assertThat(w.exit() != 0 || (w.out() + w.err()).contains("failed")).as("write to a read-only export fails").isTrue();
             // a client that sends garbage is dropped; the server keeps serving others
@@ -190,5 +197,108 @@ class NbdServeTest {
             assertThat(s.stop()).isZero();
         }
         FormatMatrixTest.assertClean(dir, img);
+    }
+
+    /** A minimal NBD client speaking the protocol by hand, to send what real clients never send. */
+    static final class RawClient implements AutoCloseable {
+        final SocketChannel c;
+
+        RawClient(Path socket) throws Exception {
+            c = SocketChannel.open(StandardProtocolFamily.UNIX);
+            c.connect(UnixDomainSocketAddress.of(socket));
+            read(18);
+            c.write(ByteBuffer.allocate(4).putInt(3).flip());
+            // NBD_OPT_STRUCTURED_REPLY is not asked for: simple replies, easy to read here
+            byte[] name = new byte[0];
+            ByteBuffer go = ByteBuffer.allocate(16 + 4 + name.length + 2).putLong(0x49484156454F5054L).putInt(7)
+                    .putInt(4 + name.length + 2).putInt(name.length).put(name).putShort((short) 0).flip();
+            c.write(go);
+            for (;;) {
+                ByteBuffer h = read(20);
+                h.getLong();
+                h.getInt();
+                int type = h.getInt();
+                int len = h.getInt();
+                read(len);
+                if (type == 1) {
+                    return; // ACK: transmission
+                }
+            }
+        }
+
+        ByteBuffer read(int n) throws Exception {
+            ByteBuffer b = ByteBuffer.allocate(n);
+            while (b.hasRemaining()) {
+                if (c.read(b) < 0) {
+                    throw new java.io.EOFException();
+                }
+            }
+            return b.flip();
+        }
+
+        void request(int type, long offset, long length, byte[] payload) throws Exception {
+            ByteBuffer r = ByteBuffer.allocate(28).putInt(0x25609513).putShort((short) 0).putShort((short) type)
+                    .putLong(77).putLong(offset).putInt((int) length).flip();
+            c.write(r);
+            if (payload != null) {
+                c.write(ByteBuffer.wrap(payload));
+            }
+        }
+
+        /** The error of the next simple reply (its data, if any, is left unread). */
+        int replyError() throws Exception {
+            ByteBuffer h = read(16);
+            assertThat(h.getInt()).as("simple reply magic").isEqualTo(0x67446698);
+            return h.getInt();
+        }
+
+        @Override
+        public void close() throws Exception {
+            c.close();
+        }
+    }
+
+    @Test
+    void brokenRequestsGetErrorsOrADisconnectAndOthersAreServed() throws Exception {
+        String img = dir.resolve("h.qcow2").toString();
+        Qemu.img(dir, "create", "-f", "qcow2", img, "4M");
+        Qemu.io(dir, "qcow2", img, List.of("write -P 9 0 1M"));
+        Path sock = dir.resolve("h.sock");
+        try (Server s = new Server("--socket", sock.toString(), img)) {
+            try (RawClient c = new RawClient(sock)) {
+                c.request(0, 4L << 20, 4096, null); // READ past the end
+                assertThat(c.replyError()).isEqualTo(22);
+                c.request(1, (4L << 20) - 10, 20, new byte[20]); // WRITE past the end
+                assertThat(c.replyError()).isEqualTo(22);
+                c.request(99, 0, 0, null); // unknown command
+                assertThat(c.replyError()).isEqualTo(22);
+                c.request(0, 0, 64L << 20, null); // READ over the 32 MiB limit
+                assertThat(c.replyError()).isEqualTo(75);
+                c.request(7, 0, 4096, null); // BLOCK_STATUS without structured replies
+                assertThat(c.replyError()).isEqualTo(22);
+                c.request(0, 0, 4096, null); // and still a good read
+                assertThat(c.replyError()).isZero();
+                assertThat(c.read(4096).get(0)).isEqualTo((byte) 9);
+            }
+            try (RawClient c = new RawClient(sock)) {
+                c.request(1, 0, 1 << 20, new byte[1000]); // disconnects in the middle of a write's payload
+            }
+            try (RawClient c = new RawClient(sock)) {
+                c.request(1, 0, 0xffff_fff0L, null); // a write of almost 4 GiB: refused, then disconnected
+                assertThat(c.replyError()).isEqualTo(75);
+                ByteBuffer more = ByteBuffer.allocate(1);
+                int got;
+                try {
+                    got = c.c.read(more);
+                } catch (java.io.IOException reset) {
+                    got = -1;
+                }
+                assertThat(got).isEqualTo(-1);
+            }
+            run("qemu-io", "-f", "raw", "-c", "read -P 9 0 1M", "-c", "read -P 0 1M 3M", s.uri);
+            assertThat(s.stop()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+        Qemu.io(dir, "qcow2", img, List.of("read -P 9 0 1M", "read -P 0 1M 3M"));
     }
 }
