@@ -301,4 +301,39 @@ class NbdServeTest {
         FormatMatrixTest.assertClean(dir, img);
         Qemu.io(dir, "qcow2", img, List.of("read -P 9 0 1M", "read -P 0 1M 3M"));
     }
+
+    @Test
+    void twoConnectionsWritingTheSameNewContentAtOnceStoreItOnceAndAKilledClientHarmsNothing() throws Exception {
+        String img = dir.resolve("two.qcow2").toString();
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img, "16M").rc()).isZero();
+        Path sock = dir.resolve("two.sock");
+        try (Server s = new Server("--socket", sock.toString(), img)) {
+            // the same 1 MiB pattern written by two clients at once, each to its own half of the disk
+            List<Process> ps = new ArrayList<>();
+            for (int k = 0; k < 2; k++) {
+                List<String> cmd = new ArrayList<>(List.of("qemu-io", "-f", "raw"));
+                for (int i = 0; i < 8; i++) {
+                    cmd.addAll(List.of("-c", "write -P 0x3c " + ((k * 8 + i) << 20) + " 1M"));
+                }
+                cmd.add(s.uri);
+                ps.add(new ProcessBuilder(cmd).redirectErrorStream(true).redirectOutput(ProcessBuilder.Redirect.DISCARD).start());
+            }
+            for (Process p : ps) {
+                assertThat(p.waitFor(60, TimeUnit.SECONDS)).isTrue();
+                assertThat(p.exitValue()).isZero();
+            }
+            // a client killed in the middle of its requests (--thread: one process, so the kill stops every job)
+            Process victim = new ProcessBuilder("fio", "--name=victim", "--thread", "--ioengine=nbd", "--uri=" + s.uri, "--rw=randwrite",
+                    "--bs=64k", "--size=16M", "--iodepth=16", "--time_based", "--runtime=30", "--output=/dev/null")
+                    .redirectErrorStream(true).redirectOutput(ProcessBuilder.Redirect.DISCARD).start();
+            Thread.sleep(1500);
+            victim.destroyForcibly();
+            victim.waitFor();
+            // the server still serves, and the disk is whatever the writes left: readable, then rewritten
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x3c 0 16M", "-c", "read -P 0x3c 0 16M", s.uri);
+            assertThat(s.stop()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+        assertThat(hostClusters(img, 4096)).as("one pattern cluster for 16 MiB written by three clients").isEqualTo(1);
+    }
 }
