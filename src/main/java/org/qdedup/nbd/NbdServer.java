@@ -49,7 +49,18 @@ public final class NbdServer implements AutoCloseable {
     private final Counters counters = new Counters();
     private final ServerSocketChannel listener;
     private final Set<SocketChannel> clients = ConcurrentHashMap.newKeySet();
+    /** One (virtual) thread per connection: it reads requests and blocks on the socket. */
     private final ExecutorService threads = Executors.newVirtualThreadPerTaskExecutor();
+    /**
+     * Requests run on a few platform threads: their per-thread I/O buffers (ours and the JDK's) are reused from
+     * one request to the next, where a fresh virtual thread per request would allocate them every time.
+     */
+    private final ExecutorService workers = Executors.newFixedThreadPool(WORKERS, r -> {
+        Thread t = new Thread(r, "nbd-worker");
+        t.setDaemon(true);
+        return t;
+    });
+    static final int WORKERS = 16;
     private final Semaphore clientSlots;
     private volatile boolean closing;
 
@@ -112,6 +123,8 @@ public final class NbdServer implements AutoCloseable {
         threads.shutdown();
         try {
             threads.awaitTermination(10, TimeUnit.SECONDS);
+            workers.shutdown();
+            workers.awaitTermination(10, TimeUnit.SECONDS);
         } catch (InterruptedException e) {
             Thread.currentThread().interrupt();
         }
@@ -128,6 +141,18 @@ public final class NbdServer implements AutoCloseable {
             f |= TF_SEND_TRIM | TF_SEND_WRITE_ZEROES | TF_SEND_FAST_ZERO;
         }
         return f;
+    }
+
+    private static final ThreadLocal<ByteBuffer> READ_BUFFER = new ThreadLocal<>();
+
+    /** A page-aligned direct buffer for a READ's data, kept per worker thread (the reply is sent before reuse). */
+    private static ByteBuffer readBuffer(int len) {
+        ByteBuffer b = READ_BUFFER.get();
+        if (b == null || b.capacity() < len) {
+            b = org.qdedup.io.Buffers.direct(Math.max(len, 1 << 20));
+            READ_BUFFER.set(b);
+        }
+        return b.clear().limit(len);
     }
 
     /** One client. */
@@ -304,7 +329,7 @@ public final class NbdServer implements AutoCloseable {
                     }
                     inFlight.acquireUninterruptibly();
                     ByteBuffer p = payload;
-                    threads.submit(() -> {
+                    workers.submit(() -> {
                         try {
                             execute(r, p);
                         } catch (IOException e) {
@@ -336,7 +361,7 @@ public final class NbdServer implements AutoCloseable {
                     } else if (!rangeOk) {
                         reply(r, EINVAL, "read past the end of the export");
                     } else {
-                        ByteBuffer data = ByteBuffer.allocate((int) r.length());
+                        ByteBuffer data = readBuffer((int) r.length());
                         int err = 0;
                         try {
                             image.read(data, r.offset());
