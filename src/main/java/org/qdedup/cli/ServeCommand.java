@@ -64,6 +64,8 @@ final class ServeCommand implements Callable<Integer> {
             ImageOps.enableDedup(image);
         }
         PrintStream out = Context.out();
+        NbdServer server;
+        org.qdedup.dedup.Deduplicator.Counters counters;
         try (BlockDevice dev = readOnly ? Images.open(image, OpenOptions.defaults())
                 : Images.openWritable(image, OpenOptions.defaults())) {
             if (noDedup && dev instanceof Qcow2Image q && q.writer() != null) {
@@ -87,10 +89,12 @@ final class ServeCommand implements Callable<Integer> {
             if (pidFile != null) {
                 Files.writeString(Path.of(pidFile), ProcessHandle.current().pid() + "\n");
             }
-            NbdServer server = new NbdServer(dev, readOnly, exportName, maxClients, listener);
+            counters = dev instanceof Qcow2Image q0 && q0.writer() != null ? q0.writer().dedupCounters() : null;
+            server = new NbdServer(dev, readOnly, exportName, maxClients, listener);
+            NbdServer srv = server;
             Runnable stop = () -> {
                 try {
-                    server.close();
+                    srv.close();
                 } catch (IOException ignored) {
                     // closing anyway
                 }
@@ -98,7 +102,8 @@ final class ServeCommand implements Callable<Integer> {
             sun.misc.Signal.handle(new sun.misc.Signal("TERM"), s -> stop.run());
             sun.misc.Signal.handle(new sun.misc.Signal("INT"), s -> stop.run());
             if (metrics != null) {
-                sun.misc.Signal.handle(new sun.misc.Signal("USR1"), s -> writeMetrics(dev, server));
+                var live = counters;
+                sun.misc.Signal.handle(new sun.misc.Signal("USR1"), s -> writeMetrics(dev, srv, live));
             }
             out.println("qdedup: serving " + image + " on " + where);
             out.flush();
@@ -112,15 +117,18 @@ final class ServeCommand implements Callable<Integer> {
                 if (dev instanceof Qcow2Image q && q.writer() != null) {
                     q.flush();
                 }
-                if (metrics != null) {
-                    writeMetrics(dev, server);
-                }
+            }
+        }
+        if (metrics != null) {
+            // After the close, so that the index state is the one the next open finds.
+            try (BlockDevice after = Images.open(image, new OpenOptions(null, true, null))) {
+                writeMetrics(after, server, counters);
             }
         }
         return 0;
     }
 
-    private void writeMetrics(BlockDevice dev, NbdServer server) {
+    private void writeMetrics(BlockDevice dev, NbdServer server, org.qdedup.dedup.Deduplicator.Counters d) {
         try {
             Map<String, Object> m = new LinkedHashMap<>();
             if (dev instanceof Qcow2Image q) {
@@ -135,7 +143,6 @@ final class ServeCommand implements Callable<Integer> {
             m.put("flushes", c.flushes.get());
             m.put("trims", c.trims.get());
             m.put("zero-writes", c.zeroWrites.get());
-            var d = dev instanceof Qcow2Image q && q.writer() != null ? q.writer().dedupCounters() : null;
             m.put("dedup-hits", d == null ? 0 : d.hits);
             m.put("dedup-misses", d == null ? 0 : d.misses);
             m.put("inplace-rewrites", d == null ? 0 : d.inplaceRewrites);
