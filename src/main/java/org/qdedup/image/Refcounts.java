@@ -275,7 +275,7 @@ public final class Refcounts {
 
     /** Moves the refcount table to the end of the file with room for index {@code need} and its own blocks. */
     private void growTable(long need) throws IOException {
-        long start = (file.size() + clusterSize - 1) >> clusterBits;
+        long start = (fileSize() + clusterSize - 1) >> clusterBits;
         long entries = Math.max(need + 1, table.length + table.length / 2 + 1);
         // Fixpoint: new blocks at [start, start+nb), table at [start+nb, start+nb+tc); all must be covered.
         long nb = 0, tc;
@@ -346,9 +346,20 @@ public final class Refcounts {
     }
 
     private void extendTo(long end) throws IOException {
-        if (file.size() < end) {
+        if (fileSize() < end) {
             file.truncate(end);
+            knownSize = end;
         }
+    }
+
+    /** The file's size as this allocator left it: only it grows or shrinks the file while the image is open. */
+    private long knownSize = -1;
+
+    private long fileSize() throws IOException {
+        if (knownSize < 0) {
+            knownSize = file.size();
+        }
+        return knownSize;
     }
 
     /** Clusters being allocated right now: refcount blocks created meanwhile must not land on them. */
@@ -359,7 +370,7 @@ public final class Refcounts {
      * host offset. The file grows when the run lies past its end.
      */
     public long allocate(int n) throws IOException {
-        long endCluster = (file.size() + clusterSize - 1) >> clusterBits;
+        long endCluster = (fileSize() + clusterSize - 1) >> clusterBits;
         long c = freeHint;
         long run = 0, runStart = c;
         boolean usedUpToRun = true;
@@ -405,7 +416,7 @@ public final class Refcounts {
      * end of the file); returns false, changing nothing, otherwise.
      */
     public boolean allocateAt(long cluster, int n) throws IOException {
-        long endCluster = (file.size() + clusterSize - 1) >> clusterBits;
+        long endCluster = (fileSize() + clusterSize - 1) >> clusterBits;
         for (long k = cluster; k < cluster + n && k < endCluster; k++) {
             if (get(k) != 0) {
                 return false;
@@ -439,6 +450,7 @@ public final class Refcounts {
         }
         if (newEnd < end) {
             file.truncate(newEnd << clusterBits);
+            knownSize = -1;
         }
         {
             BlockFile f = file;
