@@ -337,4 +337,31 @@ class NbdServeTest {
         FormatMatrixTest.assertClean(dir, img);
         assertThat(hostClusters(img, 4096)).as("one pattern cluster for 16 MiB written by three clients").isEqualTo(1);
     }
+
+    @Test
+    void noDedupStoresCopiesAndKeepsTheIndexRightAndOneClientAtATime() throws Exception {
+        String img = dir.resolve("nd.qcow2").toString();
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img, "8M").rc()).isZero();
+        Path sock = dir.resolve("nd.sock");
+        try (Server s = new Server("--socket", sock.toString(), "--no-dedup", "-e", "1", img)) {
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "write -P 0x44 1M 64k", s.uri);
+            // -e 1: while one client is connected, a second one is turned away
+            try (RawClient first = new RawClient(sock)) {
+                Qemu.Result second = Qemu.exec(dir, List.of("nbdinfo", s.uri));
+                assertThat(second.exit()).as("second client while -e 1 is taken").isNotZero();
+            }
+            assertThat(s.stop()).isZero();
+        }
+        assertThat(hostClusters(img, 4096)).as("--no-dedup: both copies stored").isEqualTo(32);
+        try (Server s = new Server("--socket", sock.toString(), img)) {
+            run("qemu-io", "-f", "raw", "-c", "write -P 0x44 2M 64k", "-c", "read -P 0x44 0 64k", s.uri);
+            assertThat(s.stop()).isZero();
+        }
+        assertThat(hostClusters(img, 4096)).as("dedup on again: the new copy shares the stored one").isEqualTo(32);
+        try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img, org.qdedup.image.OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(new byte[0]), 0);
+            assertThat(q.writer().staleDedupEntries()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+    }
 }
