@@ -346,7 +346,7 @@ class NbdServeTest {
         try (Server s = new Server("--socket", sock.toString(), "--no-dedup", "-e", "1", img)) {
             run("qemu-io", "-f", "raw", "-c", "write -P 0x44 0 64k", "-c", "write -P 0x44 1M 64k", s.uri);
             // -e 1: while one client is connected, a second one is turned away
-            try (RawClient first = new RawClient(sock)) {
+            try (RawClient first = connectWhenFree(sock)) {
                 Qemu.Result second = Qemu.exec(dir, List.of("nbdinfo", s.uri));
                 assertThat(second.exit()).as("second client while -e 1 is taken").isNotZero();
             }
@@ -363,5 +363,20 @@ class NbdServeTest {
             assertThat(q.writer().staleDedupEntries()).isZero();
         }
         FormatMatrixTest.assertClean(dir, img);
+    }
+
+    /** Connects once the server has released the slot of the previous client (it does so asynchronously). */
+    private static RawClient connectWhenFree(Path sock) throws Exception {
+        long deadline = System.nanoTime() + 10_000_000_000L;
+        for (;;) {
+            try {
+                return new RawClient(sock);
+            } catch (java.io.IOException e) {
+                if (System.nanoTime() > deadline) {
+                    throw e;
+                }
+                Thread.sleep(50);
+            }
+        }
     }
 }
