@@ -79,6 +79,7 @@ final class ConvertCommand implements Callable<Integer> {
                 co = co.withClusterBits(12);
             }
             a = new ImageOptions.Applied(co, a.preallocation(), wantDedup, a.dedupHeadroom());
+            ImageOptions.checkHeadroom(a, wantDedup);
             if (!a.preallocation().equals("off")) {
                 throw new CliException("preallocation=" + a.preallocation() + " is not supported yet (only off)");
             }
@@ -87,13 +88,7 @@ final class ConvertCommand implements Callable<Integer> {
             }
             Qcow2Create.create(dst, a.create().withSize(source.size()));
             if (Boolean.TRUE.equals(a.dedup())) {
-                if (co.refcountOrder() == 0) {
-                    Context.err().println("qdedup: " + dst + ": refcount_bits=1 cannot count a second reference: dedup "
-                            + "shares nothing here, it only skips zero and unchanged clusters");
-                }
-                org.qdedup.image.ImageOps.enableDedup(dst, a.dedupHeadroom());
-            } else if (a.dedupHeadroom() != null) {
-                throw new CliException("dedup_headroom needs dedup (--dedup or -o dedup=on)");
+                ImageOptions.enableDedup(dst, co, a.dedupHeadroom());
             }
         } else if (dedup) {
             org.qdedup.image.ImageOps.enableDedup(dst);

@@ -77,9 +77,7 @@ final class CreateCommand implements Callable<Integer> {
         if (wantDedup && o.dataFile() != null) {
             throw new CliException(image + ": dedup needs shareable clusters: images with data_file cannot share them");
         }
-        if (!wantDedup && a.dedupHeadroom() != null) {
-            throw new CliException("dedup_headroom needs dedup (--dedup or -o dedup=on)");
-        }
+        ImageOptions.checkHeadroom(a, wantDedup);
         if (o.backingFile() != null) {
             if (o.backingFormat() == null) {
                 throw new CliException(image + ": Backing file specified without backing format (use -F raw or -F qcow2)");
@@ -107,11 +105,7 @@ final class CreateCommand implements Callable<Integer> {
         }
         Qcow2Create.create(image, o);
         if (wantDedup) {
-            if (o.refcountOrder() == 0) {
-                Context.err().println("qdedup: " + image + ": refcount_bits=1 cannot count a second reference: dedup "
-                        + "shares nothing here, it only skips zero and unchanged clusters");
-            }
-            org.qdedup.image.ImageOps.enableDedup(image, a.dedupHeadroom());
+            ImageOptions.enableDedup(image, o, a.dedupHeadroom());
         }
         formatting("qcow2", qcow2Summary(o) + (wantDedup ? " dedup=on" : ""));
         return 0;

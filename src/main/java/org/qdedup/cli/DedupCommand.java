@@ -28,11 +28,8 @@ final class DedupCommand implements Callable<Integer> {
         long allocatedBefore = allocated();
         ImageOps.enableDedup(image);
         Qcow2Writer.InPlaceResult r;
-        long size;
         try (Qcow2Image q = Images.openWritable(image, OpenOptions.defaults().withFormat("qcow2"))) {
-            size = q.size();
-            Progress p = progress ? new Progress(Context.err(), size) : Progress.none();
-            long cs = q.header().clusterSize();
+            Progress p = progress ? new Progress(Context.err(), q.size()) : Progress.none();
             long[] last = {0};
             r = q.writer().dedupInPlace(bytes -> {
                 p.add(bytes - last[0]);

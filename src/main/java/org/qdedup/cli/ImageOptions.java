@@ -56,6 +56,22 @@ final class ImageOptions {
     record Applied(CreateOptions create, String preallocation, Boolean dedup, Integer dedupHeadroom) {
     }
 
+    /** -o dedup_headroom means nothing without dedup: refused before anything is created. */
+    static void checkHeadroom(Applied a, boolean wantDedup) {
+        if (!wantDedup && a.dedupHeadroom() != null) {
+            throw new CliException("dedup_headroom needs dedup (--dedup or -o dedup=on)");
+        }
+    }
+
+    /** Enables dedup on a newly created image, saying so where 1-bit refcounts leave nothing to share. */
+    static void enableDedup(String image, CreateOptions o, Integer headroom) throws java.io.IOException {
+        if (o.refcountOrder() == 0) {
+            Context.err().println("qdedup: " + image + ": refcount_bits=1 cannot count a second reference: dedup "
+                    + "shares nothing here, it only skips zero and unchanged clusters");
+        }
+        org.qdedup.image.ImageOps.enableDedup(image, headroom);
+    }
+
     static Applied apply(Map<String, String> opts, CreateOptions base) {
         CreateOptions o = base;
         String prealloc = "off";

@@ -106,7 +106,7 @@ public final class DedupIndex {
 
     /** Makes room for {@code entries} entries at once (instead of growing step by step while loading). */
     public void ensureCapacity(int entries) {
-        long want = (long) (entries / 0.8) + 16;
+        long want = slotsFor(entries);
         if (want <= slots.length || want > Integer.MAX_VALUE - 8) {
             return;
         }
@@ -189,6 +189,15 @@ public final class DedupIndex {
                 insert(e);
             }
         }
+    }
+
+    private static long slotsFor(long entries) {
+        return (long) (entries / 0.8) + 16;
+    }
+
+    /** RAM an index loaded with {@code entries} entries of host clusters up to {@code maxCluster} holds. */
+    public static long memoryBytesFor(long entries, long maxCluster) {
+        return 8 * slotsFor(entries) + 4 * (maxCluster + 1) + 64;
     }
 
     /** RAM the index holds (both arrays), for stats and the per-cluster goal. */

@@ -35,10 +35,10 @@ public final class DedupSidecar {
 
     /** What the file holds. Entries are sorted by cluster. */
     public record Contents(int clusterBits, long generation, FileStamp stamp, int[] fragments, long[] clusters) {
-        /** The fragment recorded for a host cluster, or null. */
-        public Integer fragmentOf(long cluster) {
+        /** The fragment recorded for a host cluster as an unsigned value, or -1 when the file has none for it. */
+        public long keyOf(long cluster) {
             int i = Arrays.binarySearch(clusters, cluster);
-            return i >= 0 ? fragments[i] : null;
+            return i >= 0 ? Integer.toUnsignedLong(fragments[i]) : -1;
         }
     }
 

@@ -88,15 +88,10 @@ public final class Deduplicator {
     }
 
     /**
-     * A host cluster holding exactly {@code data} that may take one more reference, or -1. Every candidate is
+     * A host cluster holding exactly {@code data[off, off + len)} that may take one more reference, or -1. Every candidate is
      * confirmed by reading its content: a hash fragment collision, or a cluster changed behind our back, is
      * never shared.
      */
-    public long find(byte[] sha, byte[] data, ClusterReader reader) throws IOException {
-        return find(sha, data, 0, data.length, reader);
-    }
-
-    /** As {@link #find(byte[], byte[], ClusterReader)} for the cluster at {@code data[off, off + len)}. */
     public long find(byte[] sha, byte[] data, int off, int len, ClusterReader reader) throws IOException {
         int n = index.candidates(sha, candidates);
         boolean ceiling = false;

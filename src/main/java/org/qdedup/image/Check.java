@@ -67,12 +67,7 @@ public final class Check {
         if (fix == Fix.NONE) {
             return c.check(false);
         }
-        Header h0 = Images.readHeader(file, true);
-        if ((h0.autoclearFeatures() & org.qdedup.format.Features.AUTOCLEAR_DEDUP_INDEX) != 0) {
-            // A repair changes what the dedup index file describes: the header says so before anything changes.
-            Images.writeHeader(file, h0.withAutoclear(h0.autoclearFeatures() & ~org.qdedup.format.Features.AUTOCLEAR_DEDUP_INDEX));
-            file.flush();
-        }
+        Images.clearDedupIndexBit(file); // a repair changes what the dedup index file describes
         Result before = fix == Fix.ALL ? c.repairAll() : c.repairLeaks();
         boolean dirty = c.h.dirty() || c.h.corrupt();
         if (before.corruptions == 0 && before.leaks == 0 && before.checkErrors == 0 && !dirty) {

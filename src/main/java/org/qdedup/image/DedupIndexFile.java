@@ -5,6 +5,7 @@ import java.nio.file.Path;
 import org.qdedup.dedup.DedupSidecar;
 import org.qdedup.format.Header;
 import org.qdedup.io.BlockFile;
+import org.qdedup.io.FileStamp;
 
 /** Whether the dedup index file beside an image may be trusted for the image as it is now. */
 public final class DedupIndexFile {
@@ -29,7 +30,20 @@ public final class DedupIndexFile {
 
     /** Call before anything writes to the image: the first write of a session makes the index file stale. */
     public static Found find(BlockFile file, Header h) {
-        Path loc = file.location();
+        FileStamp stamp;
+        try {
+            stamp = h.dedupIndexInSync() ? file.stamp() : null;
+        } catch (IOException e) {
+            return new Found(null, "cannot stat the image: " + e.getMessage(), null);
+        }
+        return find(file.location(), h, stamp);
+    }
+
+    /**
+     * The same for the image as it was when {@code h} and {@code stamp} were taken (before any write), reading the
+     * index file only now.
+     */
+    public static Found find(Path loc, Header h, FileStamp stamp) {
         if (loc == null) {
             return new Found(null, "the image has no place for an index file", null);
         }
@@ -46,7 +60,7 @@ public final class DedupIndexFile {
             if (c.generation() != h.dedupGeneration() || c.clusterBits() != h.clusterBits()) {
                 return new Found(null, "the index file belongs to another state of the image (generation differs)", path);
             }
-            if (!c.stamp().equals(file.stamp())) {
+            if (!c.stamp().equals(stamp)) {
                 return new Found(null, "the image file changed since the index file was written (size, inode or times)", path);
             }
             return new Found(c, null, path);

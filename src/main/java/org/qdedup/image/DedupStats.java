@@ -64,8 +64,7 @@ public record DedupStats(long virtualSize, long clusterSize, boolean dedup, long
             }
         }
         String state = img.header().dedup() ? DedupIndexFile.find(img.file(), img.header()).state() : "absent";
-        long slots = (long) (data / 0.8) + 16;
-        long indexBytes = img.header().dedup() ? 8 * slots + 4 * (maxCluster + 1) + 64 : 0;
+        long indexBytes = img.header().dedup() ? org.qdedup.dedup.DedupIndex.memoryBytesFor(data, maxCluster) : 0;
         return new DedupStats(img.size(), cs, img.header().dedup(), data, referenced, zero, shared,
                 img.header().dedup() ? data : 0, indexBytes, state);
     }

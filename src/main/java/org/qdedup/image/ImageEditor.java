@@ -63,9 +63,7 @@ final class ImageEditor implements Closeable {
             private void clear() throws IOException {
                 if (!cleared) {
                     cleared = true;
-                    Header cur = Images.readHeader(inner);
-                    Images.writeHeader(inner, cur.withAutoclear(cur.autoclearFeatures() & ~INDEX_BIT));
-                    inner.flush();
+                    Images.clearDedupIndexBit(inner);
                 }
             }
 

@@ -10,6 +10,7 @@ import java.util.List;
 import java.util.Set;
 import org.qdedup.format.Be;
 import org.qdedup.format.FormatException;
+import org.qdedup.format.Features;
 import org.qdedup.format.Geometry;
 import org.qdedup.format.Header;
 import org.qdedup.format.Snapshot;
@@ -121,6 +122,18 @@ public final class Images {
     }
 
     /** Reads and validates the header of an open qcow2 file. */
+    /**
+     * Clears our "dedup index in sync" autoclear bit, synced, if it is set: done before anything but our own writer
+     * changes a dedup image (offline edits, repairs), so the index file is rebuilt rather than trusted.
+     */
+    static void clearDedupIndexBit(BlockFile file) throws IOException {
+        Header h = readHeader(file, true);
+        if ((h.autoclearFeatures() & Features.AUTOCLEAR_DEDUP_INDEX) != 0) {
+            writeHeader(file, h.withAutoclear(h.autoclearFeatures() & ~Features.AUTOCLEAR_DEDUP_INDEX));
+            file.flush();
+        }
+    }
+
     public static Header readHeader(BlockFile file) throws IOException {
         return readHeader(file, false);
     }

@@ -83,7 +83,12 @@ public final class Qcow2Writer {
                     copiedFixes.add(c);
                 }
             });
-            indexFile = trustedIndexFile();
+            indexFileHeader = img.header();
+            try {
+                indexFileStamp = indexFileHeader.dedupIndexInSync() ? file.stamp() : null;
+            } catch (IOException e) {
+                indexFileStamp = null; // not trusted: the index is rebuilt
+            }
         }
     }
 
@@ -98,18 +103,14 @@ public final class Qcow2Writer {
     // generation the index file does not have: rebuild. QEMU clears the bit when it opens the image read-write; a
     // writer that does not (a read-only QEMU reopened for writing) still changes the file's times or size.
 
-    /** Index file contents found in sync at open: the first index load takes its keys instead of reading data. */
-    private DedupSidecar.Contents indexFile;
+    /**
+     * The header and file stamp at open, before any write of ours: the index file is judged against them when the
+     * index is first needed, so an open that never writes does not read the index file at all.
+     */
+    private Header indexFileHeader;
+    private org.qdedup.io.FileStamp indexFileStamp;
     /** Where the index of this session came from, for check and stats. */
     private String indexSource = "not loaded yet";
-    /** Why the index file was not used at open (null when it was). */
-    private String indexFileProblem;
-
-    private DedupSidecar.Contents trustedIndexFile() {
-        DedupIndexFile.Found f = DedupIndexFile.find(file, header());
-        indexFileProblem = f.problem();
-        return f.contents();
-    }
 
     private volatile java.util.function.LongConsumer rebuildProgress = n -> { };
 
@@ -474,22 +475,10 @@ public final class Qcow2Writer {
             return;
         }
         dedupLoaded = true;
-        DedupSidecar.Contents known = indexFile;
-        indexFile = null;
-        // The index file's keys by host cluster, dense: one array lookup per L2 entry during the scan.
-        int[] knownFrag = null;
-        java.util.BitSet knownHas = null;
-        if (known != null && known.clusters().length > 0) {
+        DedupIndexFile.Found found = DedupIndexFile.find(file.location(), indexFileHeader, indexFileStamp);
+        DedupSidecar.Contents known = found.contents();
+        if (known != null) {
             dedup.index().ensureCapacity(known.clusters().length);
-            long maxCluster = known.clusters()[known.clusters().length - 1];
-            if (maxCluster < (1 << 28)) {
-                knownFrag = new int[(int) maxCluster + 1];
-                knownHas = new java.util.BitSet((int) maxCluster + 1);
-                for (int k = 0; k < known.clusters().length; k++) {
-                    knownFrag[(int) known.clusters()[k]] = known.fragments()[k];
-                    knownHas.set((int) known.clusters()[k]);
-                }
-            }
         }
         prefetchL2Tables();
         java.util.BitSet seen = new java.util.BitSet();
@@ -516,8 +505,9 @@ public final class Qcow2Writer {
                     continue;
                 }
                 seen.set(hc);
-                if (knownHas != null ? knownHas.get(hc) : known != null && known.fragmentOf(hc) != null) {
-                    dedup.storedFragment(knownHas != null ? knownFrag[hc] : known.fragmentOf(hc), hc, guest);
+                long key = known != null ? known.keyOf(hc) : -1;
+                if (key >= 0) {
+                    dedup.storedFragment((int) key, hc, guest);
                     continue;
                 }
                 if (nHash == toHash.length) {
@@ -536,7 +526,7 @@ public final class Qcow2Writer {
             }
         }
         indexSource = known != null ? (nHash == 0 ? "index file" : "index file, " + nHash + " clusters hashed again")
-                : "scan of the image (" + indexFileProblem + ")";
+                : "scan of the image (" + found.problem() + ")";
     }
 
     /**

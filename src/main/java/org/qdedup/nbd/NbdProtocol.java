@@ -60,7 +60,7 @@ public final class NbdProtocol {
 
     public static final String BASE_ALLOCATION = "base:allocation";
 
-    /** One transmission request; {@code payload} holds a WRITE's data. */
+    /** One transmission request's header (a WRITE's data follows it on the wire). */
     public record Request(int flags, int type, long cookie, long offset, long length) {
     }
 

@@ -4,7 +4,6 @@ import static org.qdedup.nbd.NbdProtocol.*;
 
 import java.io.EOFException;
 import java.io.IOException;
-import java.net.SocketAddress;
 import java.nio.ByteBuffer;
 import java.nio.channels.ClosedChannelException;
 import java.nio.channels.ServerSocketChannel;
@@ -484,10 +483,5 @@ public final class NbdServer implements AutoCloseable {
                 replyLock.unlock();
             }
         }
-    }
-
-    /** Where a listener listens, for the ready line. */
-    public static String describe(SocketAddress a) {
-        return a.toString();
     }
 }
