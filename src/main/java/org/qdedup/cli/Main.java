@@ -9,10 +9,14 @@ import picocli.CommandLine.Command;
 
 /** The qdedup command line: a thin layer over the library, qemu-img's names, flags, keys and exit codes. */
 @Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
-        description = "QCOW2 images with online deduplication.",
-        subcommands = {InfoCommand.class, MapCommand.class, CheckCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class,
-                SnapshotCommand.class, ResizeCommand.class, CommitCommand.class, RebaseCommand.class, StatsCommand.class, EstimateCommand.class, DedupCommand.class, ServeCommand.class, DemoCommand.class, CommandLine.HelpCommand.class})
+        description = "QCOW2 images with online deduplication.")
 public final class Main implements Runnable {
+    /** Every command, in the order --help lists them. */
+    private static final java.util.List<Class<?>> COMMANDS = java.util.List.of(InfoCommand.class, MapCommand.class,
+            CheckCommand.class, CompareCommand.class, ConvertCommand.class, CreateCommand.class, SnapshotCommand.class,
+            ResizeCommand.class, CommitCommand.class, RebaseCommand.class, StatsCommand.class, EstimateCommand.class,
+            DedupCommand.class, ServeCommand.class, DemoCommand.class, CommandLine.HelpCommand.class);
+
     @CommandLine.Spec
     CommandLine.Model.CommandSpec spec;
 
@@ -30,13 +34,17 @@ public final class Main implements Runnable {
     /** Runs one command line with the given streams and returns its exit code; never calls System.exit. */
     public static int run(String[] args, PrintStream out, PrintStream err) {
         CommandLine cl = new CommandLine(new Main());
+        addCommands(cl, args);
         PrintWriter ow = new PrintWriter(out, true);
         PrintWriter ew = new PrintWriter(err, true);
         cl.setOut(ow);
         cl.setErr(ew);
         cl.setCaseInsensitiveEnumValuesAllowed(true);
         // "resize IMG -1G": a size may start with '-'.
-        cl.getSubcommands().get("resize").setUnmatchedOptionsArePositionalParams(true);
+        CommandLine resize = cl.getSubcommands().get("resize");
+        if (resize != null) {
+            resize.setUnmatchedOptionsArePositionalParams(true);
+        }
         cl.setParameterExceptionHandler((ex, a) -> {
             ew.println("qdedup: " + ex.getMessage());
             ew.flush();
@@ -60,6 +68,25 @@ public final class Main implements Runnable {
             out.flush();
             err.flush();
             Context.clear();
+        }
+    }
+
+    /**
+     * Registers the one command the arguments name, or all of them when they name none (help, a typo): picocli
+     * builds a command's model by reflection over old-format classes the JVM cannot archive, which is most of the
+     * start-up time when done for every command.
+     */
+    private static void addCommands(CommandLine cl, String[] args) {
+        String first = args.length > 0 ? args[0] : "";
+        for (Class<?> c : COMMANDS) {
+            Command a = c.getAnnotation(Command.class);
+            if (a.name().equals(first) && !first.equals("help")) {
+                cl.addSubcommand(c);
+                return;
+            }
+        }
+        for (Class<?> c : COMMANDS) {
+            cl.addSubcommand(c);
         }
     }
 
