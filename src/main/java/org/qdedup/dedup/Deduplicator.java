@@ -1,8 +1,6 @@
 package org.qdedup.dedup;
 
 import java.io.IOException;
-import java.security.MessageDigest;
-import java.security.NoSuchAlgorithmException;
 import java.util.Arrays;
 import java.util.HashMap;
 import java.util.LinkedHashSet;
@@ -58,18 +56,8 @@ public final class Deduplicator {
         return index;
     }
 
-    private static final ThreadLocal<MessageDigest> SHA256 = ThreadLocal.withInitial(() -> {
-        try {
-            return MessageDigest.getInstance("SHA-256");
-        } catch (NoSuchAlgorithmException e) {
-            throw new IllegalStateException(e);
-        }
-    });
-
     public static byte[] sha256(byte[] data, int off, int len) {
-        MessageDigest md = SHA256.get(); // one per thread: the provider lookup costs more than a 4 KiB hash
-        md.update(data, off, len);
-        return md.digest();
+        return Sha256.of(data, off, len);
     }
 
     /**
