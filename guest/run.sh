@@ -150,7 +150,7 @@ console=${dir:-$work}/console.log # kept with --dir
 log "booting $kver under TCG on $uri (at most $timeout s)"
 tg=$(date +%s)
 set +e
-timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -m 512 -nodefaults -display none -no-reboot \
+timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -smp 2 -m 512 -nodefaults -display none -no-reboot \
   -kernel "$vmlinuz" -initrd "$work/initrd.cpio" -append "console=ttyS0 panic=-1 quiet loglevel=1" \
   -serial "file:$console" \
   -drive "file=$uri,format=raw,if=virtio,cache=none,discard=unmap" </dev/null >"$work/qemu.log" 2>&1 & qpid=$!

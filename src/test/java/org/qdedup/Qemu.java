@@ -57,6 +57,7 @@ final class Qemu {
             CompletableFuture<String> out = drain(p.getInputStream());
             CompletableFuture<String> err = drain(p.getErrorStream());
             if (!p.waitFor(timeoutSeconds, TimeUnit.SECONDS)) {
+                p.descendants().forEach(ProcessHandle::destroyForcibly); // a script's servers and emulators too
                 p.destroyForcibly();
                 fail("%s timed out after %d s", String.join(" ", command), timeoutSeconds);
             }
