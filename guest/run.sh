@@ -60,23 +60,47 @@ tree=$kit/tree
 # GNU dd for the O_DIRECT writes: busybox dd silently drops O_DIRECT when its buffer is below a page (malloc'ed,
 # unaligned), so its bs=512 oflag=direct writes go through the page cache
 pkgs=("$kpkg" busybox-static e2fsprogs libext2fs2 libcom-err2 libblkid1 libuuid1 coreutils libc6)
-if [ "$(cat "$kit/.complete" 2>/dev/null)" != "${pkgs[*]}" ]; then
+# Debian builds these as modules; crc32c first: ext4 and jbd2 ask the crypto API for it (a softdep, which insmod
+# does not follow)
+modules=(crc32c_generic virtio_pci virtio_blk ext4)
+recipe="${pkgs[*]} / ${modules[*]}"
+if [ "$(cat "$kit/.complete" 2>/dev/null)" != "$recipe" ]; then
   log "fetching ${pkgs[*]} into $kit"
-  rm -rf "$kit"; mkdir -p "$kit/debs" "$tree"
+  rm -rf "$kit"; mkdir -p "$kit/debs" "$kit/modules" "$tree"
   fetch() { (cd "$kit/debs" && apt-get -q download "${as_root_apt[@]}" "${pkgs[@]}" >&2); }
   fetch || { [ "$(id -u)" = 0 ] && apt-get update -qq >&2 && fetch; } ||
     die "apt-get download ${pkgs[*]} failed (apt-get update first?)"
   for deb in "$kit"/debs/*.deb; do dpkg-deb -x "$deb" "$tree"; done
   kver=$(ls "$tree/lib/modules")
+  moddir=$tree/lib/modules/$kver
   "$tree/bin/busybox" depmod -b "$tree" "$kver" # modules.dep is made at install time, which this is not
-  echo "${pkgs[*]}" >"$kit/.complete"
+  order=()
+  load_order() { # MODULE-PATH (as in modules.dep): its dependencies first, each module once
+    local m=$1 d
+    for d in "${order[@]}"; do [ "$d" = "$m" ] && return; done
+    for d in $(awk -v m="$m:" '$1 == m { $1 = ""; print }' "$moddir/modules.dep"); do load_order "$d"; done
+    order+=("$m")
+  }
+  for name in "${modules[@]}"; do
+    path=$(awk -F: -v n="$name" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko(\.xz)?$/, "", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep")
+    [ -n "$path" ] || die "kernel $kver has no module $name (built in? see $tree/boot/config-$kver)"
+    load_order "$path"
+  done
+  for m in "${order[@]}"; do # plain .ko: busybox insmod may not read compressed ones
+    base=$(basename "$m" .xz)
+    case $m in *.xz) "$tree/bin/busybox" xz -dc "$moddir/$m" >"$kit/modules/$base" ;; *) cp "$moddir/$m" "$kit/modules/$base" ;; esac
+    echo "$base" >>"$kit/modules/modules.list"
+  done
+  echo "$kver" >"$kit/kernel-version"
+  rm -rf "$kit/debs" "$tree/lib/modules" "$tree/usr/share" # 500 MB unpacked, of which the guest needs 20
+  echo "$recipe" >"$kit/.complete"
 fi
-kver=$(ls "$tree/lib/modules")
+kver=$(cat "$kit/kernel-version")
 vmlinuz=$tree/boot/vmlinuz-$kver
 bb=$tree/bin/busybox
 
 # initramfs: busybox, /init, mke2fs, e2fsck and GNU dd (in /sbin) with the libraries ldd names, the modules in load
-# order
+# order (/modules.list)
 work=$(mktemp -d "${TMPDIR:-/tmp}/qdedup-guest.XXXXXX")
 cleanup() {
   [ -n "${qpid:-}" ] && kill -KILL "$qpid" 2>/dev/null
@@ -85,7 +109,7 @@ cleanup() {
 }
 trap cleanup EXIT
 ird=$work/initramfs
-mkdir -p "$ird"/{bin,sbin,etc,lib/modules,lib64,lib/x86_64-linux-gnu}
+mkdir -p "$ird"/{bin,sbin,etc,lib,lib64,lib/x86_64-linux-gnu}
 cp "$bb" "$ird/bin/busybox"
 cp "$here/init" "$ird/init"
 chmod 755 "$ird/init"
@@ -99,26 +123,8 @@ for prog in sbin/mke2fs sbin/e2fsck bin/dd; do
     if [[ $name == ld-linux* ]]; then cp -L "$src" "$ird/lib64/$name"; else cp -L "$src" "$ird/lib/x86_64-linux-gnu/$name"; fi
   done
 done
-moddir=$tree/lib/modules/$kver
-order=()
-load_order() { # MODULE-PATH (as in modules.dep): its dependencies first, each module once
-  local m=$1 d
-  for d in "${order[@]}"; do [ "$d" = "$m" ] && return; done
-  for d in $(awk -v m="$m:" '$1 == m { $1 = ""; print }' "$moddir/modules.dep"); do load_order "$d"; done
-  order+=("$m")
-}
-# crc32c first: ext4 and jbd2 ask the crypto API for it (a softdep, which insmod does not follow)
-for name in crc32c_generic virtio_pci virtio_blk ext4; do
-  path=$(awk -F: -v n="$name" '{ f = $1; sub(/.*\//, "", f); sub(/\.ko(\.xz)?$/, "", f); if (f == n) { print $1; exit } }' "$moddir/modules.dep")
-  [ -n "$path" ] || die "kernel $kver has no module $name (built in? see $tree/boot/config-$kver)"
-  load_order "$path"
-done
-: >"$ird/modules.list"
-for m in "${order[@]}"; do
-  base=$(basename "$m" .xz)
-  case $m in *.xz) "$bb" xz -dc "$moddir/$m" >"$ird/lib/modules/$base" ;; *) cp "$moddir/$m" "$ird/lib/modules/$base" ;; esac
-  echo "$base" >>"$ird/modules.list"
-done
+cp -r "$kit/modules" "$ird/lib/modules"
+mv "$ird/lib/modules/modules.list" "$ird/modules.list"
 (cd "$ird" && find . | sort | "$bb" cpio -o -H newc 2>/dev/null) >"$work/initrd.cpio"
 
 # --- the server ------------------------------------------------------------------------------------------------
