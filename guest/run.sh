@@ -169,6 +169,7 @@ show_console() { log "qemu exit $qrc; qemu said:"; cat "$work/qemu.log" >&2; log
 if [ ${#results[@]} -ne 1 ]; then
   show_console; die "expected one QDEDUP-GUEST line from the guest, got ${#results[@]} (timeout: exit 124)"
 fi
+tr -d '\r' <"$console" | grep -a '^guest: ' >&2 || true # what the guest saw: its disk, the requests it sent
 echo "${results[0]}"
 [[ ${results[0]} =~ ^QDEDUP-GUEST:\ PASS\  ]] || { show_console; die "the guest failed"; }
 [ "$qrc" = 0 ] || { show_console; die "qemu exited $qrc"; }
