@@ -3,13 +3,14 @@
 # the export as a virtio-blk disk; guest/init then makes ext4, writes, overwrites, deletes, fstrims and verifies
 # (see that file) and prints one result line. docs/guest.md tells more.
 #
-#   guest/run.sh [--server qdedup|qemu-nbd] [--dir DIR] [--size SIZE] [--timeout SECONDS]
+#   guest/run.sh [--server qdedup|qemu-nbd] [--dir DIR] [--size SIZE] [--scale N] [--timeout SECONDS]
 #       makes a fresh 4 KiB-cluster qcow2 in DIR (default: a temporary one), serves it (qdedup serve --dedup, or
 #       qemu-nbd), boots the guest on it, stops the server, runs qemu-img check and counts the clusters stored
 #       and the distinct non-zero 4 KiB clusters of the disk. With qdedup both must be equal.
-#   guest/run.sh --uri NBD-URI [--dir DIR] [--timeout SECONDS]
+#   guest/run.sh --uri NBD-URI [--dir DIR] [--scale N] [--timeout SECONDS]
 #       boots the guest on an export served by someone else (it is overwritten).
-# DIR keeps the image, the server's log and the guest's console (console.log).
+# DIR keeps the image, the server's log and the guest's console (console.log). --scale N makes the guest's files N
+# times larger (29 MiB of files at 1; the disk must hold them: --size 1G for --scale 8).
 #
 # Prints the guest's line "QDEDUP-GUEST: PASS ..." (or FAIL) and, with --server, one line
 # "guest-result: server=... pass=yes check=clean seconds=... guest-seconds=... stored-clusters=N distinct-nonzero-clusters=M".
@@ -22,7 +23,7 @@ here=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 root=$(dirname "$here")
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
 cache=${QDEDUP_GUEST_CACHE:-$HOME/.cache/qdedup-guest}
-server=qdedup uri="" dir="" size=256M timeout=900
+server=qdedup uri="" dir="" size=256M timeout=900 scale=1
 log() { echo "guest: $*" >&2; }
 die() { log "$*"; exit 1; }
 while [ $# -gt 0 ]; do
@@ -32,11 +33,13 @@ while [ $# -gt 0 ]; do
     --dir) dir=$2; shift 2 ;;
     --size) size=$2; shift 2 ;;
     --timeout) timeout=$2; shift 2 ;;
+    --scale) scale=$2; shift 2 ;;
     -h|--help) sed -n '2,/^set -e/p' "${BASH_SOURCE[0]}" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) die "unknown argument $1 (see --help)" ;;
   esac
 done
 case $server in qdedup|qemu-nbd|"") ;; *) die "--server takes qdedup or qemu-nbd, not $server" ;; esac
+[[ $scale =~ ^[1-9][0-9]*$ ]] || die "--scale takes a whole number >= 1, not $scale"
 command -v qemu-system-x86_64 >/dev/null || die "qemu-system-x86_64 not found: apt-get install -y --no-install-recommends qemu-system-x86"
 
 # --- the guest kit: kernel and initramfs, from Debian packages kept in the cache -------------------------------
@@ -156,8 +159,9 @@ console=${dir:-$work}/console.log # kept with --dir
 log "booting $kver under TCG on $uri (at most $timeout s)"
 tg=$(date +%s)
 set +e
-timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -smp 2 -m 512 -nodefaults -display none -no-reboot \
-  -kernel "$vmlinuz" -initrd "$work/initrd.cpio" -append "console=ttyS0 panic=-1 quiet loglevel=1" \
+# RAM: the reference files live in it (rootfs), 29 MiB per unit of scale
+timeout -k 10 "$timeout" qemu-system-x86_64 -accel tcg -smp 2 -m $((448 + 64 * scale)) -nodefaults -display none -no-reboot \
+  -kernel "$vmlinuz" -initrd "$work/initrd.cpio" -append "console=ttyS0 panic=-1 quiet loglevel=1 qdedup.scale=$scale" \
   -serial "file:$console" \
   -drive "file=$uri,format=raw,if=virtio,cache=none,discard=unmap" </dev/null >"$work/qemu.log" 2>&1 & qpid=$!
 wait "$qpid"; qrc=$?
