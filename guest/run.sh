@@ -22,7 +22,7 @@ set -euo pipefail
 here=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")" && pwd)
 root=$(dirname "$here")
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
-cache=${QDEDUP_GUEST_CACHE:-$HOME/.cache/qdedup-guest}
+cache=${QDEDUP_GUEST_CACHE:-${HOME:-/tmp}/.cache/qdedup-guest}
 server=qdedup uri="" dir="" size=256M timeout=900 scale=1
 log() { echo "guest: $*" >&2; }
 die() { log "$*"; exit 1; }
