@@ -156,6 +156,7 @@ fi
 
 # --- the guest -------------------------------------------------------------------------------------------------
 console=${dir:-$work}/console.log # kept with --dir
+: >"$console"
 log "booting $kver under TCG on $uri (at most $timeout s)"
 tg=$(date +%s)
 set +e
