@@ -172,7 +172,7 @@ guest_seconds=$(($(date +%s) - tg))
 mapfile -t results < <(tr -d '\r' <"$console" | grep -a '^QDEDUP-GUEST: ')
 show_console() { log "qemu exit $qrc; qemu said:"; cat "$work/qemu.log" >&2; log "console:"; tr -d '\r' <"$console" | tail -n 40 >&2; }
 if [ ${#results[@]} -ne 1 ]; then
-  show_console; die "expected one QDEDUP-GUEST line from the guest, got ${#results[@]} (timeout: exit 124)"
+  show_console; die "expected one QDEDUP-GUEST line from the guest, got ${#results[@]} (qemu exit $qrc; 124: timed out)"
 fi
 tr -d '\r' <"$console" | grep -a '^guest: ' >&2 || true # what the guest saw: its disk, the requests it sent
 echo "${results[0]}"
