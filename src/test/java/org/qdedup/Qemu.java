@@ -11,6 +11,7 @@ import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.Arrays;
 import java.util.List;
+import java.util.Map;
 import java.util.concurrent.CompletableFuture;
 import java.util.concurrent.TimeUnit;
 
@@ -33,12 +34,18 @@ final class Qemu {
 
     /** Runs a command in {@code dir} (null: the JVM's directory) and returns whatever it did. */
     static Result exec(Path dir, List<String> command) {
+        return exec(dir, command, Map.of(), TIMEOUT_SECONDS);
+    }
+
+    /** {@link #exec(Path, List)} with more environment variables and another time limit. */
+    static Result exec(Path dir, List<String> command, Map<String, String> env, long timeoutSeconds) {
         ProcessBuilder pb = new ProcessBuilder(command);
         if (dir != null) {
             pb.directory(dir.toFile());
         }
         // Fixed locale and time zone so that human output (dates in `snapshot -l`) is comparable.
         pb.environment().put("LC_ALL", "C");
+        pb.environment().putAll(env);
         Process p;
         try {
             p = pb.start();
@@ -49,9 +56,10 @@ final class Qemu {
             p.getOutputStream().close();
             CompletableFuture<String> out = drain(p.getInputStream());
             CompletableFuture<String> err = drain(p.getErrorStream());
-            if (!p.waitFor(TIMEOUT_SECONDS, TimeUnit.SECONDS)) {
+            if (!p.waitFor(timeoutSeconds, TimeUnit.SECONDS)) {
+                p.descendants().forEach(ProcessHandle::destroyForcibly); // a script's servers and emulators too
                 p.destroyForcibly();
-                fail("%s timed out after %d s", String.join(" ", command), TIMEOUT_SECONDS);
+                fail("%s timed out after %d s", String.join(" ", command), timeoutSeconds);
             }
             return new Result(command, p.exitValue(), out.join(), err.join());
         } catch (InterruptedException e) {
