@@ -292,6 +292,20 @@ class BadInputTest {
         expectReadError(img, false, "compressed", "guest offset 0", "at offset " + l2, "host offset " + far);
     }
 
+    /** Found by ImageFuzzTest: zstd-jni throws (ZstdException) on a bad frame header instead of returning an error. */
+    @Test
+    void zstdDescriptorOffByOneByte() throws Exception {
+        Path img = dir.resolve("zstd.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "compression_type=zstd", img.toString(), "16M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -c -P 0x33 0 64k", "write -P 0x44 1M 64k"));
+        keepTwin(img);
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2);
+        assertThat(entry & (1L << 62)).as("L2 entry 0 is compressed").isNotZero();
+        put64(img, l2, entry + 1); // the descriptor now starts one byte into the frame: no zstd magic there
+        expectReadError(img, false, "compressed cluster", "guest offset 0", "zstd frame at byte 0 corrupt");
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");
