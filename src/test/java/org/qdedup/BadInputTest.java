@@ -306,6 +306,44 @@ class BadInputTest {
         expectReadError(img, false, "compressed cluster", "guest offset 0", "zstd frame at byte 0 corrupt");
     }
 
+    /** Found by ImageFuzzTest: a backing_file_offset of 2^63 or more was taken as negative and passed the bounds check. */
+    @Test
+    void backingFileOffsetPastTwoToThe63() throws Exception {
+        Path img = base("bfohuge.qcow2");
+        long huge = 0xca53_d343_cdf0_5c47L;
+        put64(img, 8, huge);
+        expectOpenError(img, "backing_file_offset", "offset 8", "found " + Long.toUnsignedString(huge));
+    }
+
+    /**
+     * Found by ImageFuzzTest: a NUL byte in the backing file name escaped as InvalidPathException. QEMU reads the name
+     * as a C string, up to its first NUL, and so do we; a name that is empty up to it is no backing file.
+     */
+    @Test
+    void backingFileNameEndsAtItsFirstNul() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "nulbase.qcow2", "1M");
+        Qemu.io(dir, "qcow2", "nulbase.qcow2", List.of("write -P 0x55 0 64k"));
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "nulbase.qcow2", "-F", "qcow2", "nul.qcow2");
+        Path img = dir.resolve("nul.qcow2");
+        long at = u64(img, 8);
+        patch(img, at, "nulbase.qcow2\0junk".getBytes(StandardCharsets.ISO_8859_1));
+        put32(img, 16, 18);
+        for (String expectBacking : new String[]{"nulbase.qcow2", null}) {
+            Snap before = Snap.of(img);
+            Result info = runTimed("info", "--output=json", img.toString());
+            assertThat(info.rc).as("info: %s", info.err).isZero();
+            Object backing = ((java.util.Map<?, ?>) Json.parse(info.out)).get("backing-filename");
+            assertThat(backing).isEqualTo(expectBacking);
+            Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+            assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+            Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+            assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's")
+                    .isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+            before.assertUnchanged(img);
+            patch(img, at, new byte[]{0}); // then: empty up to its NUL
+        }
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");
