@@ -344,6 +344,33 @@ class BadInputTest {
         }
     }
 
+    /**
+     * Found by ImageFuzzTest: a dirty image was repaired (written) at a read-write open before the rest of it was
+     * validated, so an open that then failed had changed the file. And as in QEMU, a corrupt image is refused for
+     * writing at open, before any repair.
+     */
+    @Test
+    void readWriteOpenRefusesBeforeRepairingAnything() throws Exception {
+        Path img = dir.resolve("dirty.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img.toString(), "1M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 64k"));
+        long incompat = u64(img, 72);
+        put64(img, 72, incompat | 1 | 4); // dirty, and an external data file with no name extension
+        Snap before = Snap.of(img);
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("no data file name extension");
+        before.assertUnchanged(img);
+        put64(img, 72, incompat | 1 | 2); // dirty and corrupt
+        Snap corrupt = Snap.of(img);
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("marked corrupt");
+        expectError(img, img.toString(), new String[]{"dedup", img.toString()}, "check -r all");
+        corrupt.assertUnchanged(img);
+        assertThat(runTimed("convert", "-O", "raw", img.toString(), out()).rc).as("still readable").isZero();
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");
