@@ -371,6 +371,34 @@ class BadInputTest {
         assertThat(runTimed("convert", "-O", "raw", img.toString(), out()).rc).as("still readable").isZero();
     }
 
+    /**
+     * Found by ImageFuzzTest: an L2 entry of a dedup image pointing far past the end of the file sized the dedup
+     * index's per-cluster arrays (OutOfMemoryError at the first write); such a cluster is not indexed now.
+     */
+    @Test
+    void dedupIndexIgnoresClustersPastTheEndOfTheFile() throws Exception {
+        Path img = dir.resolve("ddfar.qcow2");
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img.toString(), "1M").rc()).isZero();
+        byte[] c = new byte[4096];
+        try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                org.qdedup.image.OpenOptions.defaults())) {
+            for (int i = 0; i < 2; i++) {
+                java.util.Arrays.fill(c, (byte) (0x11 + i));
+                q.write(java.nio.ByteBuffer.wrap(c), i * 4096L);
+            }
+        }
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2 + 8);
+        put64(img, l2 + 8, (entry & ~L1_OFFSET_MASK) | (0xfff0_0000L << 12)); // guest cluster 1 at 16 TiB
+        try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                org.qdedup.image.OpenOptions.defaults())) {
+            java.util.Arrays.fill(c, (byte) 0x11);
+            q.write(java.nio.ByteBuffer.wrap(c), 8192);
+            assertThat(q.writer().dedupCounters().hits).as("shares the cluster still in the file").isEqualTo(1);
+            assertThat(q.writer().staleDedupEntries()).isZero();
+        }
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");
