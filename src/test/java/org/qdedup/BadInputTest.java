@@ -292,6 +292,113 @@ class BadInputTest {
         expectReadError(img, false, "compressed", "guest offset 0", "at offset " + l2, "host offset " + far);
     }
 
+    /** Found by ImageFuzzTest: zstd-jni throws (ZstdException) on a bad frame header instead of returning an error. */
+    @Test
+    void zstdDescriptorOffByOneByte() throws Exception {
+        Path img = dir.resolve("zstd.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "compression_type=zstd", img.toString(), "16M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -c -P 0x33 0 64k", "write -P 0x44 1M 64k"));
+        keepTwin(img);
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2);
+        assertThat(entry & (1L << 62)).as("L2 entry 0 is compressed").isNotZero();
+        put64(img, l2, entry + 1); // the descriptor now starts one byte into the frame: no zstd magic there
+        expectReadError(img, false, "compressed cluster", "guest offset 0", "zstd frame at byte 0 corrupt");
+    }
+
+    /** Found by ImageFuzzTest: a backing_file_offset of 2^63 or more was taken as negative and passed the bounds check. */
+    @Test
+    void backingFileOffsetPastTwoToThe63() throws Exception {
+        Path img = base("bfohuge.qcow2");
+        long huge = 0xca53_d343_cdf0_5c47L;
+        put64(img, 8, huge);
+        expectOpenError(img, "backing_file_offset", "offset 8", "found " + Long.toUnsignedString(huge));
+    }
+
+    /**
+     * Found by ImageFuzzTest: a NUL byte in the backing file name escaped as InvalidPathException. QEMU reads the name
+     * as a C string, up to its first NUL, and so do we; a name that is empty up to it is no backing file.
+     */
+    @Test
+    void backingFileNameEndsAtItsFirstNul() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "nulbase.qcow2", "1M");
+        Qemu.io(dir, "qcow2", "nulbase.qcow2", List.of("write -P 0x55 0 64k"));
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "nulbase.qcow2", "-F", "qcow2", "nul.qcow2");
+        Path img = dir.resolve("nul.qcow2");
+        long at = u64(img, 8);
+        patch(img, at, "nulbase.qcow2\0junk".getBytes(StandardCharsets.ISO_8859_1));
+        put32(img, 16, 18);
+        for (String expectBacking : new String[]{"nulbase.qcow2", null}) {
+            Snap before = Snap.of(img);
+            Result info = runTimed("info", "--output=json", img.toString());
+            assertThat(info.rc).as("info: %s", info.err).isZero();
+            Object backing = ((java.util.Map<?, ?>) Json.parse(info.out)).get("backing-filename");
+            assertThat(backing).isEqualTo(expectBacking);
+            Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+            assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+            Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+            assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's")
+                    .isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+            before.assertUnchanged(img);
+            patch(img, at, new byte[]{0}); // then: empty up to its NUL
+        }
+    }
+
+    /**
+     * Found by ImageFuzzTest: a dirty image was repaired (written) at a read-write open before the rest of it was
+     * validated, so an open that then failed had changed the file. And as in QEMU, a corrupt image is refused for
+     * writing at open, before any repair.
+     */
+    @Test
+    void readWriteOpenRefusesBeforeRepairingAnything() throws Exception {
+        Path img = dir.resolve("dirty.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img.toString(), "1M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 64k"));
+        long incompat = u64(img, 72);
+        put64(img, 72, incompat | 1 | 4); // dirty, and an external data file with no name extension
+        Snap before = Snap.of(img);
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("no data file name extension");
+        before.assertUnchanged(img);
+        put64(img, 72, incompat | 1 | 2); // dirty and corrupt
+        Snap corrupt = Snap.of(img);
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("marked corrupt");
+        expectError(img, img.toString(), new String[]{"dedup", img.toString()}, "check -r all");
+        corrupt.assertUnchanged(img);
+        assertThat(runTimed("convert", "-O", "raw", img.toString(), out()).rc).as("still readable").isZero();
+    }
+
+    /**
+     * Found by ImageFuzzTest: an L2 entry of a dedup image pointing far past the end of the file sized the dedup
+     * index's per-cluster arrays (OutOfMemoryError at the first write); such a cluster is not indexed now.
+     */
+    @Test
+    void dedupIndexIgnoresClustersPastTheEndOfTheFile() throws Exception {
+        Path img = dir.resolve("ddfar.qcow2");
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img.toString(), "1M").rc()).isZero();
+        byte[] c = new byte[4096];
+        try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                org.qdedup.image.OpenOptions.defaults())) {
+            for (int i = 0; i < 2; i++) {
+                java.util.Arrays.fill(c, (byte) (0x11 + i));
+                q.write(java.nio.ByteBuffer.wrap(c), i * 4096L);
+            }
+        }
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2 + 8);
+        put64(img, l2 + 8, (entry & ~L1_OFFSET_MASK) | (0xfff0_0000L << 12)); // guest cluster 1 at 16 TiB
+        try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                org.qdedup.image.OpenOptions.defaults())) {
+            java.util.Arrays.fill(c, (byte) 0x11);
+            q.write(java.nio.ByteBuffer.wrap(c), 8192);
+            assertThat(q.writer().dedupCounters().hits).as("shares the cluster still in the file").isEqualTo(1);
+            assertThat(q.writer().staleDedupEntries()).isZero();
+        }
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");

@@ -235,12 +235,21 @@ public record Header(
 
     public String backingFormat() {
         HeaderExtension e = extension(HeaderExtension.BACKING_FORMAT);
-        return e == null ? null : new String(e.data(), StandardCharsets.UTF_8);
+        return e == null ? null : cString(e.data(), 0, e.data().length);
     }
 
     public String dataFile() {
         HeaderExtension e = extension(HeaderExtension.DATA_FILE);
-        return e == null ? null : new String(e.data(), StandardCharsets.UTF_8);
+        return e == null ? null : cString(e.data(), 0, e.data().length);
+    }
+
+    /** A name as QEMU reads it (a C string): up to its first NUL byte, if it has one. */
+    private static String cString(byte[] b, int off, int len) {
+        int end = off;
+        while (end < off + len && b[end] != 0) {
+            end++;
+        }
+        return new String(b, off, end - off, StandardCharsets.UTF_8);
     }
 
     /** Reads the cluster bits field alone, so the caller knows how much of the file holds the header. */
@@ -369,11 +378,14 @@ public record Header(
             if (backingSize > MAX_BACKING_NAME) {
                 throw FormatException.at(file, "qcow2 header backing_file_size", 16, "at most " + MAX_BACKING_NAME, Long.toString(backingSize));
             }
-            if (backingOffset > clusterSize - backingSize || backingOffset + backingSize > cluster.length) {
-                throw FormatException.at(file, "qcow2 header backing_file_offset", 8,
-                        "a name inside the first cluster and the file", backingOffset + " (+" + backingSize + " bytes)");
+            if (backingOffset < 0 || backingOffset > clusterSize - backingSize || backingOffset + backingSize > cluster.length) {
+                throw FormatException.at(file, "qcow2 header backing_file_offset", 8, "a name inside the first cluster and the file",
+                        Long.toUnsignedString(backingOffset) + " (+" + backingSize + " bytes)");
             }
-            backing = new String(cluster, (int) backingOffset, (int) backingSize, StandardCharsets.UTF_8);
+            backing = cString(cluster, (int) backingOffset, (int) backingSize);
+            if (backing.isEmpty()) {
+                backing = null; // QEMU: an empty name is no backing file
+            }
         }
 
         long l2Entries = clusterSize / ((incompat & Features.INCOMPAT_EXTL2) != 0 ? 16 : 8);

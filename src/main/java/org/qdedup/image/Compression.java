@@ -94,7 +94,13 @@ final class Compression {
                 if (in >= srcLen) {
                     return "zstd data ends after " + out + " of " + dst.length + " bytes";
                 }
-                long frameSize = com.github.luben.zstd.Zstd.findFrameCompressedSize(src, in, srcLen - in);
+                long frameSize;
+                try {
+                    frameSize = com.github.luben.zstd.Zstd.findFrameCompressedSize(src, in, srcLen - in);
+                } catch (RuntimeException e) {
+                    // zstd-jni throws ZstdException for a bad frame header instead of returning an error code
+                    return "zstd frame at byte " + in + " corrupt (" + e.getMessage() + ")";
+                }
                 if (com.github.luben.zstd.Zstd.isError(frameSize)) {
                     return "zstd frame at byte " + in + " corrupt (" + com.github.luben.zstd.Zstd.getErrorName(frameSize) + ")";
                 }

@@ -239,14 +239,10 @@ public final class Images {
     private static BlockDevice openQcow2(String name, BlockFile file, OpenOptions opts, int depth, Set<Path> seen,
                                          boolean writable) throws IOException {
         Header h = readHeader(file);
-        if (writable && h.dirty()) {
-            // Not closed cleanly with lazy refcounts: rebuild the refcounts before any write (as QEMU does).
-            Check.Result r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
-            if (r.corruptions > 0 || r.checkErrors > 0) {
-                throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + r.corruptions
-                        + " corruptions left); run 'qdedup check -r all' for details");
-            }
-            h = readHeader(file);
+        if (writable && h.corrupt()) {
+            // As QEMU: a corrupt image opens read-only or for check -r, never for writing (and nothing is repaired here).
+            throw FormatException.of(name, "image is marked corrupt (incompatible feature bit 1 at offset 72); repair it with "
+                    + "'qdedup check -r all' before writing");
         }
         List<Snapshot> snaps = readSnapshots(file, h);
         long l1Offset = h.l1TableOffset();
@@ -298,6 +294,20 @@ public final class Images {
                             "'" + h.backingFile() + "' at depth " + (depth + 1));
                 }
                 backing = open(bName, Path.of(bName), new OpenOptions(bFmt, opts.forceShare(), null), depth + 1, seen, false);
+            }
+            if (writable && h.dirty()) {
+                // Not closed cleanly with lazy refcounts: rebuild the refcounts before any write (as QEMU does), once
+                // everything else has been validated, so an image refused for another reason is left as it was.
+                Check.Result r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+                if (r.corruptions > 0 || r.checkErrors > 0) {
+                    throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + r.corruptions
+                            + " corruptions left); run 'qdedup check -r all' for details");
+                }
+                h = readHeader(file);
+                snaps = readSnapshots(file, h);
+                l1Offset = h.l1TableOffset();
+                l1 = readTable(file, l1Offset, h.l1Size());
+                size = h.size();
             }
             return new Qcow2Image(file, dataFile, h, l1Offset, l1, size, backing, snaps);
         } catch (IOException | RuntimeException e) {

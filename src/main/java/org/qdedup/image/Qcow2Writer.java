@@ -482,6 +482,9 @@ public final class Qcow2Writer {
         }
         prefetchL2Tables();
         java.util.BitSet seen = new java.util.BitSet();
+        // A cluster past the end of the data file holds nothing to share (a corrupt entry); skipping it also keeps
+        // the per-cluster arrays sized by the file, not by whatever an L2 entry says.
+        long dataEnd = dataFile.size();
         long[] toHash = new long[64];
         long[] toHashGuest = new long[64];
         int nHash = 0;
@@ -495,7 +498,7 @@ public final class Qcow2Writer {
                 long e = t[j * step()];
                 long h = ownedHost(e);
                 if (L2Entry.isCompressed(e) || h < 0 || (e & L2Entry.ZERO) != 0 || (geo.extendedL2()
-                        && t[j * step() + 1] != L2Entry.BITMAP_ALL_ALLOC) || h / cs > DedupIndex.MAX_CLUSTER) {
+                        && t[j * step() + 1] != L2Entry.BITMAP_ALL_ALLOC) || h / cs > DedupIndex.MAX_CLUSTER || h > dataEnd - cs) {
                     continue;
                 }
                 long guest = (long) i * geo.l2Entries() + j;
