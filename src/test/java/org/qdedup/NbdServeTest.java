@@ -122,7 +122,7 @@ class NbdServeTest {
         FormatMatrixTest.assertClean(dir, img);
     }
 
-    private static long distinctNonZero(Path raw, int cs) throws Exception {
+    static long distinctNonZero(Path raw, int cs) throws Exception {
         byte[] all = Files.readAllBytes(raw);
         java.util.Set<String> seen = new java.util.HashSet<>();
         byte[] zero = new byte[cs];
@@ -212,7 +212,12 @@ class NbdServeTest {
         }
 
         void request(int type, long offset, long length, byte[] payload) throws Exception {
-            ByteBuffer r = ByteBuffer.allocate(28).putInt(0x25609513).putShort((short) 0).putShort((short) type)
+            request(type, 0, offset, length, payload);
+        }
+
+        /** A request with command flags (1: FUA). */
+        void request(int type, int flags, long offset, long length, byte[] payload) throws Exception {
+            ByteBuffer r = ByteBuffer.allocate(28).putInt(0x25609513).putShort((short) flags).putShort((short) type)
                     .putLong(77).putLong(offset).putInt((int) length).flip();
             c.write(r);
             if (payload != null) {
