@@ -2,8 +2,6 @@ package org.qdedup;
 
 import static org.assertj.core.api.Assertions.assertThat;
 
-import java.io.BufferedReader;
-import java.io.InputStreamReader;
 import java.net.StandardProtocolFamily;
 import java.net.UnixDomainSocketAddress;
 import java.nio.ByteBuffer;
@@ -24,33 +22,9 @@ class NbdServeTest {
     Path dir;
 
     /** A running `qdedup serve` in its own JVM, as users run it. */
-    final class Server implements AutoCloseable {
-        final Process p;
-        final String uri;
-
+    final class Server extends ServeProcess {
         Server(String... args) throws Exception {
-            List<String> cmd = new ArrayList<>(List.of(Path.of(System.getProperty("java.home"), "bin", "java").toString(),
-                    "--enable-native-access=ALL-UNNAMED", "-cp", System.getProperty("java.class.path"),
-                    "org.qdedup.cli.Main", "serve"));
-            cmd.addAll(List.of(args));
-            p = new ProcessBuilder(cmd).directory(dir.toFile()).redirectError(dir.resolve("serve.err").toFile()).start();
-            BufferedReader r = new BufferedReader(new InputStreamReader(p.getInputStream(), StandardCharsets.UTF_8));
-            String line = r.readLine();
-            assertThat(line).as("ready line; stderr: %s", Files.exists(dir.resolve("serve.err"))
-                    ? Files.readString(dir.resolve("serve.err")) : "").isNotNull().startsWith("qdedup: serving ");
-            uri = line.substring(line.indexOf(" on ") + 4);
-        }
-
-        /** SIGTERM: the server finishes, flushes, saves the index and exits 0. */
-        int stop() throws Exception {
-            p.toHandle().destroy();
-            assertThat(p.waitFor(30, TimeUnit.SECONDS)).as("server exits after SIGTERM").isTrue();
-            return p.exitValue();
-        }
-
-        @Override
-        public void close() {
-            p.destroyForcibly();
+            super(dir, args);
         }
     }
 
@@ -148,7 +122,7 @@ class NbdServeTest {
         FormatMatrixTest.assertClean(dir, img);
     }
 
-    private static long distinctNonZero(Path raw, int cs) throws Exception {
+    static long distinctNonZero(Path raw, int cs) throws Exception {
         byte[] all = Files.readAllBytes(raw);
         java.util.Set<String> seen = new java.util.HashSet<>();
         byte[] zero = new byte[cs];
@@ -238,7 +212,12 @@ class NbdServeTest {
         }
 
         void request(int type, long offset, long length, byte[] payload) throws Exception {
-            ByteBuffer r = ByteBuffer.allocate(28).putInt(0x25609513).putShort((short) 0).putShort((short) type)
+            request(type, 0, offset, length, payload);
+        }
+
+        /** A request with command flags (1: FUA). */
+        void request(int type, int flags, long offset, long length, byte[] payload) throws Exception {
+            ByteBuffer r = ByteBuffer.allocate(28).putInt(0x25609513).putShort((short) flags).putShort((short) type)
                     .putLong(77).putLong(offset).putInt((int) length).flip();
             c.write(r);
             if (payload != null) {

@@ -27,7 +27,14 @@ import org.qdedup.io.FileBlockFile;
  * then the L1 entries that point at new L2 tables; (3) only after that, refcount decrements of clusters whose
  * entries were removed are applied and written. A crash therefore leaks clusters at worst: an entry never points
  * at a cluster whose refcount is not on disk, or whose data is not, and a freed cluster is never reused while a
- * durable entry still points at it. A failed sync makes the image unusable for writing (never retried and trusted).
+ * durable entry still points at it.
+ *
+ * <p><b>Failures</b> (see docs/reliability.md): a failed write, truncate or punch-hole (a full disk, an I/O error)
+ * fails the request that met it and leaves the open image usable: a data write's new clusters are given back
+ * before anything points at them, and metadata that could not be written stays dirty in the caches, written again
+ * at the next write-back; what is on disk meanwhile is a state the write ordering allows at any crash. A failed
+ * fsync, a failed header write or a refcount table moved in RAM but not on disk makes the image unusable for
+ * writing: the kernel may have dropped unsynced pages, so a sync that succeeds later proves nothing.
  */
 public final class Qcow2Writer {
     private final Qcow2Image img;
@@ -64,6 +71,7 @@ public final class Qcow2Writer {
         this.rc = img.refcounts();
         this.cs = geo.clusterSize();
         rc.onTableMoved((off, clusters) -> updateHeader(img.header().withRefcountTable(off, clusters)));
+        rc.onFatal(e -> failed = e);
         if (img.header().dedup() && !img.header().hasDataFile()) {
             dedup = new Deduplicator(new Deduplicator.RefcountPort() {
                 @Override
@@ -328,9 +336,37 @@ public final class Qcow2Writer {
     }
 
     private void updateHeader(Header h) throws IOException {
-        Images.writeHeader(file, h);
-        file.flush();
+        try {
+            Images.writeHeader(file, h);
+        } catch (IOException e) {
+            failed = e; // the header is the root of everything: never go on guessing what it holds on disk
+            throw e;
+        }
+        fsync(file);
         img.header(h);
+    }
+
+    /** A sync; its failure is fatal for this open image (see the class comment). */
+    private void fsync(BlockFile f) throws IOException {
+        try {
+            f.flush();
+        } catch (IOException e) {
+            failed = e;
+            throw e;
+        }
+    }
+
+    /**
+     * Writes the data of {@code n} clusters just allocated at {@code host}; when the write fails (a full disk, an
+     * I/O error) the clusters are given back before anything refers to them, and the caller's request fails.
+     */
+    private void writeNewClusters(ByteBuffer src, long host, int n) throws IOException {
+        try {
+            dataFile.write(src, host);
+        } catch (IOException e) {
+            rc.free(host, n);
+            throw e;
+        }
     }
 
     // ---- guest operations ------------------------------------------------------------------------------------
@@ -832,14 +868,21 @@ public final class Qcow2Writer {
             }
             // Data first (in runs of contiguous host clusters), then the entries that publish it.
             int i = 0;
-            while (i < n) {
-                int j = i + 1;
-                while (j < n && hosts[j] == hosts[j - 1] + cs) {
-                    j++;
+            try {
+                while (i < n) {
+                    int j = i + 1;
+                    while (j < n && hosts[j] == hosts[j - 1] + cs) {
+                        j++;
+                    }
+                    guardData(hosts[i], (long) (j - i) * cs);
+                    dataFile.write(data.slice((int) (i * cs), (int) ((j - i) * cs)), hosts[i]);
+                    i = j;
                 }
-                guardData(hosts[i], (long) (j - i) * cs);
-                dataFile.write(data.slice((int) (i * cs), (int) ((j - i) * cs)), hosts[i]);
-                i = j;
+            } catch (IOException e) {
+                if (need > 0 && failed == null) {
+                    rc.free(next - need * cs, need); // the new clusters are published by nothing: give them back
+                }
+                throw e;
             }
             for (i = 0; i < n; i++) {
                 long old = entryAt(r, idx0 + i);
@@ -912,13 +955,13 @@ public final class Qcow2Writer {
                 guardData(first, (long) nFresh * c);
                 if (fresh[nFresh - 1] - fresh[0] == nFresh - 1) {
                     // The usual case, one stretch of the request: written from the caller's buffer as it is.
-                    dataFile.write(data.slice(data.position() + fresh[0] * c, nFresh * c), first);
+                    writeNewClusters(data.slice(data.position() + fresh[0] * c, nFresh * c), first, nFresh);
                 } else {
                     byte[] run = new byte[nFresh * c];
                     for (int j = 0; j < nFresh; j++) {
                         System.arraycopy(arr, base + fresh[j] * c, run, j * c, c);
                     }
-                    dataFile.write(ByteBuffer.wrap(run), first);
+                    writeNewClusters(ByteBuffer.wrap(run), first, nFresh);
                 }
                 L2Ref r = writableL2(geo.l1Index(pos));
                 for (int j = 0; j < nFresh; j++) {
@@ -956,7 +999,7 @@ public final class Qcow2Writer {
                 if (!writeDeduped(cstart, full, 0, sha)) {
                     long host = allocateData(1);
                     guardData(host, cs);
-                    dataFile.write(ByteBuffer.wrap(full), host);
+                    writeNewClusters(ByteBuffer.wrap(full), host, 1);
                     publishFresh(r, cstart, host, sha);
                 }
                 maybeWriteBack();
@@ -990,7 +1033,11 @@ public final class Qcow2Writer {
                 host = allocateData(1);
             }
             guardData(host, cs);
-            dataFile.write(ByteBuffer.wrap(full), host);
+            if (reuse) {
+                dataFile.write(ByteBuffer.wrap(full), host);
+            } else {
+                writeNewClusters(ByteBuffer.wrap(full), host, 1);
+            }
             countCopy(e, !reuse);
             if (!reuse) {
                 release(e);
@@ -1011,7 +1058,8 @@ public final class Qcow2Writer {
         int inC = (int) (pos - cstart);
         int scs = (int) geo.subclusterSize();
         int first = inC / scs, last = (inC + data.remaining() - 1) / scs;
-        long host = ownedHost(e) >= 0 ? ownedHost(e) : allocateData(1);
+        boolean fresh = ownedHost(e) < 0;
+        long host = fresh ? allocateData(1) : ownedHost(e);
         byte[] buf = new byte[(last - first + 1) * scs];
         long start = cstart + (long) first * scs;
         long avail = Math.min(buf.length, img.size() - start);
@@ -1021,7 +1069,14 @@ public final class Qcow2Writer {
         }
         data.duplicate().get(buf, inC - first * scs, data.remaining());
         guardData(host + (long) first * scs, buf.length);
-        dataFile.write(ByteBuffer.wrap(buf), host + (long) first * scs);
+        try {
+            dataFile.write(ByteBuffer.wrap(buf), host + (long) first * scs);
+        } catch (IOException x) {
+            if (fresh) {
+                rc.free(host, 1);
+            }
+            throw x;
+        }
         long nb = bitmap;
         for (int i = first; i <= last; i++) {
             nb = (nb | L2Entry.subAllocBit(i)) & ~L2Entry.subZeroBit(i);
@@ -1229,16 +1284,17 @@ public final class Qcow2Writer {
      */
     private boolean writeBack(boolean refcounts) throws IOException {
         checkUsable();
+        boolean l2 = img.l2Cache.dirtyCount() > 0;
+        if (!rc.hasDirty() && !l2 && dirtyL1.isEmpty()) {
+            return false;
+        }
+        if (refcounts) {
+            rc.writeDirty(); // a failed write leaves the blocks dirty: written again next time
+        }
+        sync();
+        Map<Long, long[]> tables = img.l2Cache.takeDirty();
         try {
-            boolean l2 = img.l2Cache.dirtyCount() > 0;
-            if (!rc.hasDirty() && !l2 && dirtyL1.isEmpty()) {
-                return false;
-            }
-            if (refcounts) {
-                rc.writeDirty();
-            }
-            sync();
-            for (Map.Entry<Long, long[]> d : img.l2Cache.takeDirty().entrySet()) {
+            for (Map.Entry<Long, long[]> d : tables.entrySet()) {
                 long[] t = d.getValue();
                 byte[] raw = new byte[t.length * 8];
                 for (int i = 0; i < t.length; i++) {
@@ -1246,28 +1302,32 @@ public final class Qcow2Writer {
                 }
                 file.write(ByteBuffer.wrap(raw), d.getKey());
             }
-            if (!dirtyL1.isEmpty()) {
-                file.flush(); // L2 tables on disk before the L1 entries that point at them
-                for (int i : dirtyL1) {
-                    byte[] ent = new byte[8];
-                    Be.put64(ent, 0, img.l1[i]);
-                    file.write(ByteBuffer.wrap(ent), img.l1Offset() + 8L * i);
-                }
-                dirtyL1.clear();
-            }
-            file.flush();
-            return true;
         } catch (IOException e) {
-            failed = e;
+            // A full disk or an I/O error: the tables stay dirty (and in the cache) for the next write-back. What
+            // reached the file is a mix of old and new entries that all point at synced data and refcounts.
+            for (long off : tables.keySet()) {
+                img.l2Cache.markDirty(off);
+            }
             throw e;
         }
+        if (!dirtyL1.isEmpty()) {
+            fsync(file); // L2 tables on disk before the L1 entries that point at them
+            for (int i : dirtyL1) {
+                byte[] ent = new byte[8];
+                Be.put64(ent, 0, img.l1[i]);
+                file.write(ByteBuffer.wrap(ent), img.l1Offset() + 8L * i);
+            }
+            dirtyL1.clear();
+        }
+        fsync(file);
+        return true;
     }
 
     private void sync() throws IOException {
         if (dataFile != file) {
-            dataFile.flush();
+            fsync(dataFile);
         }
-        file.flush();
+        fsync(file);
     }
 
     /**
@@ -1293,8 +1353,8 @@ public final class Qcow2Writer {
             try {
                 compressedCursor = 0; // its cluster may be freed below and reused for other data
                 List<Long> freed = rc.applyDeferred();
-                rc.writeDirty();
-                file.flush();
+                rc.writeDirty(); // a failure leaves the lowered refcounts dirty: written at the next write-back
+                fsync(file);
                 giveBack(freed);
                 if (!copiedFixes.isEmpty()) {
                     // Sharing ended: the one remaining active entry gets COPIED again (refcount is 1 on disk now).
@@ -1309,9 +1369,6 @@ public final class Qcow2Writer {
                     copiedFixes.clear();
                     writeBack();
                 }
-            } catch (IOException e) {
-                failed = e;
-                throw e;
             } finally {
                 img.meta.unlock();
             }
@@ -1320,12 +1377,19 @@ public final class Qcow2Writer {
         }
     }
 
-    /** Punches holes for freed clusters and truncates free clusters off the end of the file. */
+    /**
+     * Punches holes for freed clusters and truncates free clusters off the end of the file. Only a hint to the
+     * host: when it fails the clusters stay in the file, free (refcount 0 on disk), and nothing is lost.
+     */
     private void giveBack(List<Long> freed) throws IOException {
         for (long c : freed) {
             img.l2Cache.remove(c * cs);
         }
-        rc.giveBack(freed);
+        try {
+            rc.giveBack(freed);
+        } catch (IOException e) {
+            // the space is not returned this time; the refcounts say it is free
+        }
     }
 
     /** Refuses a data write that would land on the image's own metadata (a corrupt mapping). */

@@ -76,6 +76,26 @@ public final class Refcounts {
         this.onTableMoved = cb;
     }
 
+    /**
+     * Told of a failure after which the cached refcounts can no longer be matched with the file: a failed fsync
+     * (the kernel may have dropped the unsynced pages; a retry that succeeds proves nothing) or a refcount table
+     * that moved in RAM but not on disk. The writer then refuses further writes.
+     */
+    private java.util.function.Consumer<IOException> onFatal = e -> { };
+
+    void onFatal(java.util.function.Consumer<IOException> cb) {
+        this.onFatal = cb;
+    }
+
+    private void sync() throws IOException {
+        try {
+            file.flush();
+        } catch (IOException e) {
+            onFatal.accept(e);
+            throw e;
+        }
+    }
+
     public long maxRefcount() {
         return maxRefcount;
     }
@@ -262,19 +282,33 @@ public final class Refcounts {
                 avoidEnd = savedEnd;
             }
         }
-        // The block reaches disk before the table entry that publishes it.
+        // The block reaches disk before the table entry that publishes it. The table in RAM names the block only
+        // once that entry is written: when a write fails (a full disk) nothing counts on the block, and the next
+        // allocation tries again.
         writeDirty();
-        file.flush();
-        table[(int) ti] = off;
-        blockClusters.add(b);
+        sync();
         byte[] ent = new byte[8];
         Be.put64(ent, 0, off);
         file.write(ByteBuffer.wrap(ent), tableOffset + 8 * ti);
-        file.flush();
+        sync();
+        table[(int) ti] = off;
+        blockClusters.add(b);
     }
 
-    /** Moves the refcount table to the end of the file with room for index {@code need} and its own blocks. */
+    /**
+     * Moves the refcount table to the end of the file with room for index {@code need} and its own blocks. It
+     * changes the table in RAM before the header points at the new one on disk: any failure on the way is fatal.
+     */
     private void growTable(long need) throws IOException {
+        try {
+            moveTable(need);
+        } catch (IOException e) {
+            onFatal.accept(e);
+            throw e;
+        }
+    }
+
+    private void moveTable(long need) throws IOException {
         long start = (fileSize() + clusterSize - 1) >> clusterBits;
         long entries = Math.max(need + 1, table.length + table.length / 2 + 1);
         // Fixpoint: new blocks at [start, start+nb), table at [start+nb, start+nb+tc); all must be covered.
@@ -332,7 +366,7 @@ public final class Refcounts {
             Be.put64(raw, i * 8, nt[i]);
         }
         file.write(ByteBuffer.wrap(raw), newTableOffset);
-        file.flush();
+        sync();
         if (onTableMoved != null) {
             onTableMoved.moved(newTableOffset, tableClusters);
         }
@@ -394,21 +428,35 @@ public final class Refcounts {
             }
             c++;
         }
-        if (usedUpToRun) {
-            freeHint = runStart + n;
-        }
         long runEnd = runStart + n;
-        extendTo(runEnd << clusterBits);
+        extendTo(runEnd << clusterBits); // a full disk fails here, before anything is counted
         avoidStart = runStart;
         avoidEnd = runEnd;
+        long k = runStart;
         try {
-            for (long k = runStart; k < runEnd; k++) {
+            for (; k < runEnd; k++) {
                 add(k, 1);
             }
+        } catch (IOException e) {
+            free(runStart << clusterBits, (int) (k - runStart)); // a refcount block could not be created
+            throw e;
         } finally {
             avoidStart = avoidEnd = 0;
         }
+        if (usedUpToRun) {
+            freeHint = Math.max(freeHint, runEnd);
+        }
         return runStart << clusterBits;
+    }
+
+    /**
+     * Undoes {@link #allocate} of {@code n} clusters at {@code offset} that nothing references (their data write
+     * failed): the refcounts go back to 0 in the cache, as they still are on disk, so nothing leaks.
+     */
+    public void free(long offset, int n) throws IOException {
+        for (long c = offset >> clusterBits; c < (offset >> clusterBits) + n; c++) {
+            add(c, -1);
+        }
     }
 
     /**

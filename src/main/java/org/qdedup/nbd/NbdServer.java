@@ -142,6 +142,22 @@ public final class NbdServer implements AutoCloseable {
         return f;
     }
 
+    /**
+     * The NBD error for a failed write, trim, zeroing or flush: NBD_ENOSPC when the host file system is full (the
+     * request may succeed once space is back: the image stays usable), NBD_EIO for anything else, including an
+     * image that refuses writes after a failed sync (whatever the first error was).
+     */
+    static int errorOf(IOException e) {
+        String m = e.getMessage();
+        boolean full = m != null && !m.contains("unusable for writing")
+                && (m.contains("No space left on device") || m.contains("Disk quota exceeded"));
+        return full ? ENOSPC : EIO;
+    }
+
+    private static String e(int err) {
+        return err == ENOSPC ? "no space left on the host file system" : "I/O error";
+    }
+
     private static final ThreadLocal<ByteBuffer> READ_BUFFER = new ThreadLocal<>();
 
     /** A page-aligned direct buffer for a READ's data, kept per worker thread (the reply is sent before reuse). */
@@ -397,9 +413,9 @@ public final class NbdServer implements AutoCloseable {
                                 writable.flush();
                             }
                         } catch (IOException e) {
-                            err = e.getMessage() != null && e.getMessage().contains("No space") ? ENOSPC : EIO;
+                            err = errorOf(e);
                         }
-                        reply(r, err, err == 0 ? null : "write failed");
+                        reply(r, err, err == 0 ? null : "write failed: " + e(err));
                     }
                 }
                 case CMD_FLUSH -> {
@@ -410,9 +426,9 @@ public final class NbdServer implements AutoCloseable {
                         }
                         counters.flushes.incrementAndGet();
                     } catch (IOException e) {
-                        err = EIO;
+                        err = errorOf(e); // a flush writes metadata too: a full disk is ENOSPC here as well
                     }
-                    reply(r, err, err == 0 ? null : "flush failed");
+                    reply(r, err, err == 0 ? null : "flush failed: " + e(err));
                 }
                 case CMD_CACHE -> reply(r, rangeOk ? 0 : EINVAL, rangeOk ? null : "request past the end of the export");
                 case CMD_BLOCK_STATUS -> {
