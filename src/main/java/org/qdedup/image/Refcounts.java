@@ -352,7 +352,22 @@ public final class Refcounts {
         }
     }
 
-    /** The file's size as this allocator left it: only it grows or shrinks the file while the image is open. */
+    /**
+     * A run allocated up to {@code end}: its caller writes all of it before anything reads it or points at it
+     * durably, and that write grows the file (as in QEMU), so the file is not grown here: that would cost a system
+     * call and a write of its own per allocation. Until then the file may be shorter than the size this allocator
+     * works with; a crash leaves at most a refcount past the end of the file, a leak.
+     */
+    private void growsTo(long end) throws IOException {
+        if (fileSize() < end) {
+            knownSize = end;
+        }
+    }
+
+    /**
+     * The file's size as this allocator left it (allocated runs included, written or not): only it grows or shrinks
+     * the file while the image is open.
+     */
     private long knownSize = -1;
 
     private long fileSize() throws IOException {
@@ -367,7 +382,8 @@ public final class Refcounts {
 
     /**
      * Allocates {@code n} contiguous free clusters, sets their refcounts to 1 (in the cache) and returns the first
-     * host offset. The file grows when the run lies past its end.
+     * host offset. The caller writes the run before anything reads it; that write grows the file where the run lies
+     * past its end (see {@link #growsTo}).
      */
     public long allocate(int n) throws IOException {
         long endCluster = (fileSize() + clusterSize - 1) >> clusterBits;
@@ -398,7 +414,7 @@ public final class Refcounts {
             freeHint = runStart + n;
         }
         long runEnd = runStart + n;
-        extendTo(runEnd << clusterBits);
+        growsTo(runEnd << clusterBits);
         avoidStart = runStart;
         avoidEnd = runEnd;
         try {
@@ -422,7 +438,7 @@ public final class Refcounts {
                 return false;
             }
         }
-        extendTo((cluster + n) << clusterBits);
+        growsTo((cluster + n) << clusterBits);
         avoidStart = cluster;
         avoidEnd = cluster + n;
         try {
