@@ -159,6 +159,28 @@ public final class Refcounts {
         return entry(block(off), (int) (cluster % perBlock), order);
     }
 
+    /**
+     * How many clusters below {@code endCluster} have a refcount other than 0, counted block by block and no
+     * further than {@code stopAt}: what {@link #get} of each would find, without a table lookup per cluster.
+     */
+    public long countInUse(long endCluster, long stopAt) throws IOException {
+        long count = 0;
+        for (long ti = 0; ti * perBlock < endCluster && count < stopAt; ti++) {
+            long off = blockOffset(ti);
+            if (off == 0) {
+                continue;
+            }
+            byte[] b = block(off);
+            int n = (int) Math.min(perBlock, endCluster - ti * perBlock);
+            for (int i = 0; i < n && count < stopAt; i++) {
+                if (entry(b, i, order) != 0) {
+                    count++;
+                }
+            }
+        }
+        return count;
+    }
+
     /** Sets a refcount in the cache (the block must exist); written by {@link #writeDirty}. */
     private void setExisting(long cluster, long value) throws IOException {
         long off = blockOffset(cluster / perBlock);
