@@ -32,6 +32,8 @@ public final class NbdServer implements AutoCloseable {
     public static final int MAX_PAYLOAD = 32 << 20;
     /** Largest option payload in the handshake. */
     static final int MAX_OPTION = 64 << 10;
+    /** Socket send buffer asked for on unix sockets (the kernel caps it at net.core.wmem_max). */
+    static final int SEND_BUFFER = 4 << 20;
     /** Requests in flight per connection before the reader waits. */
     static final int MAX_IN_FLIGHT = 64;
 
@@ -99,6 +101,11 @@ public final class NbdServer implements AutoCloseable {
                 continue;
             }
             clients.add(c);
+            if (c.getLocalAddress() instanceof java.net.UnixDomainSocketAddress) {
+                // A unix socket's buffer (about 200 KiB by default) is smaller than one 256 KiB READ reply of
+                // nbdcopy: each would wait for the client halfway. (TCP tunes its own buffers.)
+                c.setOption(java.net.StandardSocketOptions.SO_SNDBUF, SEND_BUFFER);
+            }
             threads.submit(() -> {
                 try (c) {
                     new Connection(c).run();
