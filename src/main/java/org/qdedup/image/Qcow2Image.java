@@ -378,13 +378,12 @@ public final class Qcow2Image implements WritableDevice {
             long realClusters = file.allocatedBytes() / header.clusterSize();
             long threshold = Math.max(realClusters * 10 / 9, realClusters + 2);
             long endCluster = (file.size() + header.clusterSize() - 1) / header.clusterSize();
-            long count = 0;
-            for (long i = 0; i < endCluster && count < threshold; i++) {
-                if (refcounts.get(i) != 0) {
-                    count++;
-                }
+            meta.lock(); // the refcount cache is the writer's too
+            try {
+                b = refcounts.countInUse(endCluster, threshold) >= threshold;
+            } finally {
+                meta.unlock();
             }
-            b = count >= threshold;
             metadataPreallocated = b;
         }
         return b;

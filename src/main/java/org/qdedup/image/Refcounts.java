@@ -179,6 +179,28 @@ public final class Refcounts {
         return entry(block(off), (int) (cluster % perBlock), order);
     }
 
+    /**
+     * How many clusters below {@code endCluster} have a refcount other than 0, counted block by block and no
+     * further than {@code stopAt}: what {@link #get} of each would find, without a table lookup per cluster.
+     */
+    public long countInUse(long endCluster, long stopAt) throws IOException {
+        long count = 0;
+        for (long ti = 0; ti * perBlock < endCluster && count < stopAt; ti++) {
+            long off = blockOffset(ti);
+            if (off == 0) {
+                continue;
+            }
+            byte[] b = block(off);
+            int n = (int) Math.min(perBlock, endCluster - ti * perBlock);
+            for (int i = 0; i < n && count < stopAt; i++) {
+                if (entry(b, i, order) != 0) {
+                    count++;
+                }
+            }
+        }
+        return count;
+    }
+
     /** Sets a refcount in the cache (the block must exist); written by {@link #writeDirty}. */
     private void setExisting(long cluster, long value) throws IOException {
         long off = blockOffset(cluster / perBlock);
@@ -386,7 +408,22 @@ public final class Refcounts {
         }
     }
 
-    /** The file's size as this allocator left it: only it grows or shrinks the file while the image is open. */
+    /**
+     * A run allocated up to {@code end}: its caller writes all of it before anything reads it or points at it
+     * durably, and that write grows the file (as in QEMU), so the file is not grown here: that would cost a system
+     * call and a write of its own per allocation. Until then the file may be shorter than the size this allocator
+     * works with; a crash leaves at most a refcount past the end of the file, a leak.
+     */
+    private void growsTo(long end) throws IOException {
+        if (fileSize() < end) {
+            knownSize = end;
+        }
+    }
+
+    /**
+     * The file's size as this allocator left it (allocated runs included, written or not): only it grows or shrinks
+     * the file while the image is open.
+     */
     private long knownSize = -1;
 
     private long fileSize() throws IOException {
@@ -401,7 +438,8 @@ public final class Refcounts {
 
     /**
      * Allocates {@code n} contiguous free clusters, sets their refcounts to 1 (in the cache) and returns the first
-     * host offset. The file grows when the run lies past its end.
+     * host offset. The caller writes the run before anything reads it; that write grows the file where the run lies
+     * past its end (see {@link #growsTo}).
      */
     public long allocate(int n) throws IOException {
         long endCluster = (fileSize() + clusterSize - 1) >> clusterBits;
@@ -429,7 +467,7 @@ public final class Refcounts {
             c++;
         }
         long runEnd = runStart + n;
-        extendTo(runEnd << clusterBits); // a full disk fails here, before anything is counted
+        growsTo(runEnd << clusterBits);
         avoidStart = runStart;
         avoidEnd = runEnd;
         long k = runStart;
@@ -470,7 +508,7 @@ public final class Refcounts {
                 return false;
             }
         }
-        extendTo((cluster + n) << clusterBits);
+        growsTo((cluster + n) << clusterBits);
         avoidStart = cluster;
         avoidEnd = cluster + n;
         try {

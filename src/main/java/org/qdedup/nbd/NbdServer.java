@@ -32,6 +32,8 @@ public final class NbdServer implements AutoCloseable {
     public static final int MAX_PAYLOAD = 32 << 20;
     /** Largest option payload in the handshake. */
     static final int MAX_OPTION = 64 << 10;
+    /** Socket send buffer asked for on unix sockets (the kernel caps it at net.core.wmem_max). */
+    static final int SEND_BUFFER = 4 << 20;
     /** Requests in flight per connection before the reader waits. */
     static final int MAX_IN_FLIGHT = 64;
 
@@ -48,11 +50,16 @@ public final class NbdServer implements AutoCloseable {
     private final Counters counters = new Counters();
     private final ServerSocketChannel listener;
     private final Set<SocketChannel> clients = ConcurrentHashMap.newKeySet();
-    /** One (virtual) thread per connection: it reads requests and blocks on the socket. */
-    private final ExecutorService threads = Executors.newVirtualThreadPerTaskExecutor();
     /**
-     * Requests run on a few platform threads: their per-thread I/O buffers (ours and the JDK's) are reused from
-     * one request to the next, where a fresh virtual thread per request would allocate them every time.
+     * One platform thread per connection: it reads requests with plain blocking reads (a virtual thread would park
+     * and be woken through the JDK's poller and a carrier thread: three thread hand-offs per request) and runs
+     * plain WRITEs itself (see {@link Connection#transmit}).
+     */
+    private final ExecutorService threads = Executors.newThreadPerTaskExecutor(
+            Thread.ofPlatform().daemon().name("nbd-conn-", 0).factory());
+    /**
+     * The other requests run on a few platform threads: their per-thread I/O buffers (ours and the JDK's) are
+     * reused from one request to the next, where a fresh virtual thread per request would allocate them every time.
      */
     private final ExecutorService workers = Executors.newFixedThreadPool(WORKERS, r -> {
         Thread t = new Thread(r, "nbd-worker");
@@ -94,6 +101,11 @@ public final class NbdServer implements AutoCloseable {
                 continue;
             }
             clients.add(c);
+            if (c.getLocalAddress() instanceof java.net.UnixDomainSocketAddress) {
+                // A unix socket's buffer (about 200 KiB by default) is smaller than one 256 KiB READ reply of
+                // nbdcopy: each would wait for the client halfway. (TCP tunes its own buffers.)
+                c.setOption(java.net.StandardSocketOptions.SO_SNDBUF, SEND_BUFFER);
+            }
             threads.submit(() -> {
                 try (c) {
                     new Connection(c).run();
@@ -170,11 +182,24 @@ public final class NbdServer implements AutoCloseable {
         return b.clear().limit(len);
     }
 
+    /** Bytes of requests read from the socket at once; WRITEs up to about this size run from it in place. */
+    static final int IN_BUFFER = 1 << 20;
+    /** Bytes of replies gathered before they are written; bigger replies (READ data) are written at once. */
+    static final int OUT_BUFFER = 64 << 10;
+    /** Replies the connection thread gathers at most before it writes them, so the client gets them early. */
+    static final int MAX_GATHERED = 8;
+
     /** One client. */
     private final class Connection {
         private final SocketChannel ch;
         private final ReentrantLock replyLock = new ReentrantLock();
         private final Semaphore inFlight = new Semaphore(MAX_IN_FLIGHT);
+        /** Requests read but not yet taken, in [position, limit). */
+        private final ByteBuffer in = org.qdedup.io.Buffers.direct(IN_BUFFER).flip();
+        /** Replies not written yet (under replyLock). */
+        private final ByteBuffer out = org.qdedup.io.Buffers.direct(OUT_BUFFER);
+        private int gathered;
+        private Thread reader;
         private boolean structured;
         private boolean noZeroes;
         private int allocationContext; // 0: not negotiated
@@ -326,13 +351,23 @@ public final class NbdServer implements AutoCloseable {
             }
         }
 
+        /**
+         * Reads requests until the client disconnects. A plain WRITE (no FUA) runs right here, from the bytes read
+         * (no copy, no thread hand-off), and its reply joins the replies gathered for one write to the socket: they
+         * go out before this thread waits for the client, or after {@link #MAX_GATHERED} of them. Everything else
+         * runs on the worker pool, so a slow flush or a big READ reply never stops the reading: a client may send
+         * more while it waits for them. A WRITE's reply is small, so the socket's buffer does not fill with them.
+         */
         private void transmit() throws IOException {
+            reader = Thread.currentThread();
             try {
                 for (;;) {
-                    Request r = decodeRequest(readFully(ch, ByteBuffer.allocate(28)));
+                    fill(28);
+                    Request r = decodeRequest(in);
                     if (r.type() == CMD_DISC) {
                         break;
                     }
+                    boolean here = r.type() == CMD_WRITE && (r.flags() & CMD_FLAG_FUA) == 0 && r.length() <= IN_BUFFER;
                     ByteBuffer payload = null;
                     if (r.type() == CMD_WRITE) {
                         if (r.length() > MAX_PAYLOAD) {
@@ -340,7 +375,11 @@ public final class NbdServer implements AutoCloseable {
                             reply(r, EOVERFLOW, "write of " + r.length() + " bytes is over the 32 MiB limit");
                             return;
                         }
-                        payload = readFully(ch, ByteBuffer.allocate((int) r.length()));
+                        payload = here ? take((int) r.length()) : takeCopy((int) r.length());
+                    }
+                    if (here) {
+                        execute(r, payload);
+                        continue;
                     }
                     inFlight.acquireUninterruptibly();
                     ByteBuffer p = payload;
@@ -361,9 +400,54 @@ public final class NbdServer implements AutoCloseable {
             } catch (EOFException e) {
                 // the client went away: requests in flight still finish below
             } finally {
-                inFlight.acquireUninterruptibly(MAX_IN_FLIGHT); // wait for every request in flight
-                inFlight.release(MAX_IN_FLIGHT);
+                try {
+                    writeGathered();
+                } finally {
+                    inFlight.acquireUninterruptibly(MAX_IN_FLIGHT); // wait for every request in flight
+                    inFlight.release(MAX_IN_FLIGHT);
+                }
             }
+        }
+
+        /**
+         * Makes at least {@code n} (at most {@link #IN_BUFFER}) unread bytes available in {@link #in}, reading as
+         * many as the socket has; the replies gathered so far are written first when it must wait for the client.
+         */
+        private void fill(int n) throws IOException {
+            if (in.remaining() >= n) {
+                return;
+            }
+            writeGathered();
+            if (in.capacity() - in.position() < n) {
+                in.compact().flip(); // the unread bytes move to the front
+            }
+            int start = in.position();
+            while (in.remaining() < n) {
+                int end = in.limit();
+                in.limit(in.capacity()).position(end);
+                int got = ch.read(in);
+                in.limit(in.position()).position(start);
+                if (got < 0) {
+                    throw new EOFException("peer closed the connection");
+                }
+            }
+        }
+
+        /** The next {@code n} bytes, in place: valid until the next {@link #fill}. */
+        private ByteBuffer take(int n) throws IOException {
+            fill(n);
+            ByteBuffer b = in.slice(in.position(), n);
+            in.position(in.position() + n);
+            return b;
+        }
+
+        /** The next {@code n} bytes in a buffer of their own (for a request run on another thread). */
+        private ByteBuffer takeCopy(int n) throws IOException {
+            ByteBuffer b = ByteBuffer.allocate(n);
+            int have = Math.min(n, in.remaining());
+            b.put(in.slice(in.position(), have));
+            in.position(in.position() + have);
+            return readFully(ch, b);
         }
 
         private void execute(Request r, ByteBuffer payload) throws IOException {
@@ -488,15 +572,59 @@ public final class NbdServer implements AutoCloseable {
             }
         }
 
+        /**
+         * Sends one reply. A small one is gathered with others; the connection thread writes them later (see
+         * {@link #transmit}), a worker at once, with whatever was gathered before it. A big one is written at once,
+         * after the gathered ones, in one gathering write.
+         */
         private void send(ByteBuffer... parts) throws IOException {
+            long n = 0;
+            for (ByteBuffer p : parts) {
+                n += p.remaining();
+            }
             replyLock.lock();
             try {
-                ch.write(parts);
+                if (n > out.remaining()) {
+                    ByteBuffer[] all = new ByteBuffer[parts.length + 1];
+                    all[0] = out.flip();
+                    System.arraycopy(parts, 0, all, 1, parts.length);
+                    writeAll(all);
+                    out.clear();
+                    gathered = 0;
+                    return;
+                }
                 for (ByteBuffer p : parts) {
-                    writeFully(ch, p);
+                    out.put(p);
+                }
+                if (++gathered >= MAX_GATHERED || Thread.currentThread() != reader) {
+                    writeGathered();
                 }
             } finally {
                 replyLock.unlock();
+            }
+        }
+
+        /** Writes the replies gathered so far. */
+        private void writeGathered() throws IOException {
+            replyLock.lock();
+            try {
+                if (out.position() > 0) {
+                    writeFully(ch, out.flip());
+                    out.clear();
+                }
+                gathered = 0;
+            } finally {
+                replyLock.unlock();
+            }
+        }
+
+        private void writeAll(ByteBuffer[] parts) throws IOException {
+            long left = 0;
+            for (ByteBuffer p : parts) {
+                left += p.remaining();
+            }
+            while (left > 0) {
+                left -= ch.write(parts);
             }
         }
     }
