@@ -399,6 +399,39 @@ class BadInputTest {
         }
     }
 
+    /** Found by ImageFuzzTest (qemu-img refused, we read): feature bits QEMU refuses together are refused here too. */
+    @Test
+    void featureBitsQemuRefuses() throws Exception {
+        Path raw = base("dfraw.qcow2");
+        put64(raw, 88, u64(raw, 88) | 2); // data-file-raw without a data file
+        expectOpenError(raw, "data-file-raw", "offset 88", "found 0x2");
+        Path comp = base("compbit.qcow2");
+        put64(comp, 72, u64(comp, 72) | 8); // compression type bit with compression type zlib
+        expectOpenError(comp, "compression type bit", "offset 72", "found 0x8");
+    }
+
+    /**
+     * Found by ImageFuzzTest (qemu-img read it, we refused): a bad refcount table entry stopped convert and map, whose
+     * preallocation heuristic reads refcounts; as in QEMU it now only means "not preallocated", and check reports it.
+     */
+    @Test
+    void badRefcountTableEntryDoesNotStopReads() throws Exception {
+        Path img = dir.resolve("rtentry.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", img.toString(), "16M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 128k", "write -P 0x22 8M 64k"));
+        long rt = u64(img, 48);
+        put64(img, rt, u64(img, rt) + 4);
+        Snap before = Snap.of(img);
+        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+        assertThat(runTimed("map", "--output=json", img.toString()).rc).isZero();
+        Result check = runTimed("check", img.toString());
+        assertThat(check.rc).as("check: %s%s", check.out, check.err).isIn(1, 2);
+        before.assertUnchanged(img);
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");

@@ -379,10 +379,16 @@ public final class Qcow2Image implements WritableDevice {
             long threshold = Math.max(realClusters * 10 / 9, realClusters + 2);
             long endCluster = (file.size() + header.clusterSize() - 1) / header.clusterSize();
             long count = 0;
-            for (long i = 0; i < endCluster && count < threshold; i++) {
-                if (refcounts.get(i) != 0) {
-                    count++;
+            try {
+                for (long i = 0; i < endCluster && count < threshold; i++) {
+                    if (refcounts.get(i) != 0) {
+                        count++;
+                    }
                 }
+            } catch (org.qdedup.format.FormatException e) {
+                // As QEMU: a refcount structure that cannot be read only means "not preallocated" here; reading
+                // guest data does not depend on refcounts (check reports them).
+                count = 0;
             }
             b = count >= threshold;
             metadataPreallocated = b;
