@@ -251,6 +251,27 @@ class BadInputTest {
         expectReadError(hi, true, "L2 entry at offset " + l2, "reserved", "0x100000000000000");
     }
 
+    /**
+     * Found by ImageFuzzTest (qemu-img calls it corruption, we read): a host offset not aligned to the cluster size
+     * (its low bits are not reserved, only below 512), in a standard and in an extended L2 entry.
+     */
+    @Test
+    void unalignedHostOffsetInL2Entry() throws Exception {
+        Path img = base("l2unaligned.qcow2");
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2);
+        put64(img, l2, entry + 4096);
+        expectReadError(img, true, "L2 entry at offset " + l2, "cluster-aligned host offset",
+                String.format("0x%x", (entry & L1_OFFSET_MASK) + 4096));
+        Path ext = dir.resolve("extl2unaligned.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "extended_l2=on", ext.toString(), "16M");
+        Qemu.io(dir, "qcow2", ext.toString(), List.of("write -P 0x11 0 64k"));
+        keepTwin(ext);
+        long xl2 = u64(ext, u64(ext, 40)) & L1_OFFSET_MASK;
+        put64(ext, xl2, u64(ext, xl2) + 16384);
+        expectReadError(ext, true, "L2 entry at offset " + xl2, "cluster-aligned host offset");
+    }
+
     @Test
     void reservedBitsInL1Entry() throws Exception {
         Path img = base("l1res.qcow2");

@@ -196,6 +196,13 @@ public final class Qcow2Image implements WritableDevice {
                     + "expected reserved bits clear, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(), l2Offset, idx,
                     geo.clusterStart(guest), reserved));
         }
+        if ((t == SubclusterType.NORMAL || t == SubclusterType.ZERO_ALLOC || t == SubclusterType.UNALLOCATED_ALLOC)
+                && geo.offsetInCluster(L2Entry.hostOffset(entry)) != 0) {
+            // QEMU calls this corruption too: reading it would take data from the middle of another cluster.
+            throw FormatException.of(name(), String.format("L2 entry at offset %d (guest offset %d): expected a "
+                    + "cluster-aligned host offset, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(),
+                    geo.clusterStart(guest), L2Entry.hostOffset(entry)));
+        }
         if (t == SubclusterType.INVALID) {
             throw FormatException.of(name(), String.format("extended L2 entry at offset %d (guest offset %d): "
                     + "invalid subcluster bitmap 0x%016x", l2Offset + (long) idx * geo.l2EntrySize(), geo.clusterStart(guest), bitmap));
