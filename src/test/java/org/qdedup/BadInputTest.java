@@ -251,6 +251,27 @@ class BadInputTest {
         expectReadError(hi, true, "L2 entry at offset " + l2, "reserved", "0x100000000000000");
     }
 
+    /**
+     * Found by ImageFuzzTest (qemu-img calls it corruption, we read): a host offset not aligned to the cluster size
+     * (its low bits are not reserved, only below 512), in a standard and in an extended L2 entry.
+     */
+    @Test
+    void unalignedHostOffsetInL2Entry() throws Exception {
+        Path img = base("l2unaligned.qcow2");
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        long entry = u64(img, l2);
+        put64(img, l2, entry + 4096);
+        expectReadError(img, true, "L2 entry at offset " + l2, "cluster-aligned host offset",
+                String.format("0x%x", (entry & L1_OFFSET_MASK) + 4096));
+        Path ext = dir.resolve("extl2unaligned.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "extended_l2=on", ext.toString(), "16M");
+        Qemu.io(dir, "qcow2", ext.toString(), List.of("write -P 0x11 0 64k"));
+        keepTwin(ext);
+        long xl2 = u64(ext, u64(ext, 40)) & L1_OFFSET_MASK;
+        put64(ext, xl2, u64(ext, xl2) + 16384);
+        expectReadError(ext, true, "L2 entry at offset " + xl2, "cluster-aligned host offset");
+    }
+
     @Test
     void reservedBitsInL1Entry() throws Exception {
         Path img = base("l1res.qcow2");
@@ -397,6 +418,39 @@ class BadInputTest {
             assertThat(q.writer().dedupCounters().hits).as("shares the cluster still in the file").isEqualTo(1);
             assertThat(q.writer().staleDedupEntries()).isZero();
         }
+    }
+
+    /** Found by ImageFuzzTest (qemu-img refused, we read): feature bits QEMU refuses together are refused here too. */
+    @Test
+    void featureBitsQemuRefuses() throws Exception {
+        Path raw = base("dfraw.qcow2");
+        put64(raw, 88, u64(raw, 88) | 2); // data-file-raw without a data file
+        expectOpenError(raw, "data-file-raw", "offset 88", "found 0x2");
+        Path comp = base("compbit.qcow2");
+        put64(comp, 72, u64(comp, 72) | 8); // compression type bit with compression type zlib
+        expectOpenError(comp, "compression type bit", "offset 72", "found 0x8");
+    }
+
+    /**
+     * Found by ImageFuzzTest (qemu-img read it, we refused): a bad refcount table entry stopped convert and map, whose
+     * preallocation heuristic reads refcounts; as in QEMU it now only means "not preallocated", and check reports it.
+     */
+    @Test
+    void badRefcountTableEntryDoesNotStopReads() throws Exception {
+        Path img = dir.resolve("rtentry.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", img.toString(), "16M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 128k", "write -P 0x22 8M 64k"));
+        long rt = u64(img, 48);
+        put64(img, rt, u64(img, rt) + 4);
+        Snap before = Snap.of(img);
+        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+        assertThat(runTimed("map", "--output=json", img.toString()).rc).isZero();
+        Result check = runTimed("check", img.toString());
+        assertThat(check.rc).as("check: %s%s", check.out, check.err).isIn(1, 2);
+        before.assertUnchanged(img);
     }
 
     @Test

@@ -53,7 +53,7 @@ public final class Main implements Runnable {
         cl.setExecutionExceptionHandler((ex, c, parsed) -> {
             ew.println("qdedup: " + describe(ex));
             ew.flush();
-            if (System.getenv("QDEDUP_DEBUG") != null) {
+            if (System.getenv("QDEDUP_DEBUG") != null || Boolean.getBoolean("qdedup.debug")) {
                 ex.printStackTrace(err);
             }
             return ex instanceof CliException ce ? ce.exitCode : 1;

@@ -321,6 +321,15 @@ public record Header(
             throw FormatException.at(file, "qcow2 header compression_type", 104,
                     "0 (zlib) without the compression type feature bit", Integer.toString(compressionType));
         }
+        if ((incompat & Features.INCOMPAT_COMPRESSION) != 0 && compressionType == COMPRESSION_ZLIB) {
+            // QEMU refuses it too: the bit announces a compression type other than the default.
+            throw FormatException.at(file, "qcow2 header incompatible_features", 72,
+                    "the compression type bit (3) only with a compression type other than zlib", String.format("0x%x", incompat));
+        }
+        if ((autoclear & Features.AUTOCLEAR_DATA_FILE_RAW) != 0 && (incompat & Features.INCOMPAT_DATA_FILE) == 0) {
+            throw FormatException.at(file, "qcow2 header autoclear_features", 88,
+                    "data-file-raw (bit 1) only with an external data file (incompatible bit 2)", String.format("0x%x", autoclear));
+        }
         if (compressionType > COMPRESSION_ZSTD) {
             throw FormatException.at(file, "qcow2 header compression_type", 104, "0 (zlib) or 1 (zstd)", Integer.toString(compressionType));
         }

@@ -196,6 +196,13 @@ public final class Qcow2Image implements WritableDevice {
                     + "expected reserved bits clear, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(), l2Offset, idx,
                     geo.clusterStart(guest), reserved));
         }
+        if ((t == SubclusterType.NORMAL || t == SubclusterType.ZERO_ALLOC || t == SubclusterType.UNALLOCATED_ALLOC)
+                && geo.offsetInCluster(L2Entry.hostOffset(entry)) != 0) {
+            // QEMU calls this corruption too: reading it would take data from the middle of another cluster.
+            throw FormatException.of(name(), String.format("L2 entry at offset %d (guest offset %d): expected a "
+                    + "cluster-aligned host offset, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(),
+                    geo.clusterStart(guest), L2Entry.hostOffset(entry)));
+        }
         if (t == SubclusterType.INVALID) {
             throw FormatException.of(name(), String.format("extended L2 entry at offset %d (guest offset %d): "
                     + "invalid subcluster bitmap 0x%016x", l2Offset + (long) idx * geo.l2EntrySize(), geo.clusterStart(guest), bitmap));
@@ -381,6 +388,10 @@ public final class Qcow2Image implements WritableDevice {
             meta.lock(); // the refcount cache is the writer's too
             try {
                 b = refcounts.countInUse(endCluster, threshold) >= threshold;
+            } catch (org.qdedup.format.FormatException e) {
+                // As QEMU: a refcount structure that cannot be read only means "not preallocated" here; reading
+                // guest data does not depend on refcounts (check reports them).
+                b = false;
             } finally {
                 meta.unlock();
             }
