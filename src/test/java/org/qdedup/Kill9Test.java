@@ -101,8 +101,10 @@ class Kill9Test {
                 assertThat(q.writer().staleDedupEntries()).as(at + ": stale index entries").isZero();
             }
             Qemu.img(dir, "convert", "-f", "qcow2", "-O", "raw", img, dir.resolve("k.raw").toString());
-            assertThat(Qemu.hostClusters(dir, img, CS)).as(at + ": stored clusters = distinct non-zero clusters")
-                    .isEqualTo(NbdServeTest.distinctNonZero(dir.resolve("k.raw"), CS));
+            long stored = Qemu.hostClusters(dir, img, CS), distinct = NbdServeTest.distinctNonZero(dir.resolve("k.raw"), CS);
+            // More stored than distinct: data clusters of zeros, or copies, which only entries that lost their data
+            // (or a missed share) leave behind.
+            assertThat(stored).as(at + ": stored clusters = distinct non-zero clusters").isEqualTo(distinct);
             Files.delete(dir.resolve("k.raw"));
         }
         System.out.printf("kill -9 rounds: %d, verifier writes acknowledged %d, clusters verified %d: corruptions 0, "

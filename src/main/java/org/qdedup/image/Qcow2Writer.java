@@ -1351,6 +1351,9 @@ public final class Qcow2Writer {
         try {
             img.meta.lock();
             try {
+                // Requests of other connections may have run since the write-back above (the locks were free): the
+                // entries they removed must be on disk before the clusters they released are freed below.
+                writeBack();
                 compressedCursor = 0; // its cluster may be freed below and reused for other data
                 List<Long> freed = rc.applyDeferred();
                 rc.writeDirty(); // a failure leaves the lowered refcounts dirty: written at the next write-back

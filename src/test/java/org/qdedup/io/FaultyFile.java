@@ -63,6 +63,15 @@ public final class FaultyFile implements BlockFile {
         trace.clear();
     }
 
+    private Op hookOn;
+    private Runnable hook;
+
+    /** Runs {@code action} once, inside the next call of kind {@code op} (before it reaches the file): for races. */
+    public synchronized void beforeNext(Op op, Runnable action) {
+        hookOn = op;
+        hook = action;
+    }
+
     /** Space is back (or the device recovered): nothing fails any more. */
     public synchronized void lift() {
         failing = false;
@@ -95,7 +104,22 @@ public final class FaultyFile implements BlockFile {
     }
 
     /** Counts the call; throws when it is the one to fail (or the disk is still full). */
-    private synchronized void maybeFail(Op op, long pos, boolean canFail) throws IOException {
+    private void maybeFail(Op op, long pos, boolean canFail) throws IOException {
+        Runnable h;
+        synchronized (this) {
+            h = op == hookOn ? hook : null;
+            if (h != null) {
+                hook = null;
+                hookOn = null;
+            }
+        }
+        if (h != null) {
+            h.run();
+        }
+        count(op, pos, canFail);
+    }
+
+    private synchronized void count(Op op, long pos, boolean canFail) throws IOException {
         trace.add(op);
         if (!kinds.contains(op)) {
             return;
