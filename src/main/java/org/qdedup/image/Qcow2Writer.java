@@ -649,9 +649,11 @@ public final class Qcow2Writer {
     /**
      * One whole guest cluster through dedup (metadata lock held): zeros become the zero flag; content already
      * there, or shown by the backing chain, is not written; content stored elsewhere is shared (refcount + 1,
-     * COPIED off on every entry using it); anything else is written and indexed once written.
+     * COPIED off on every entry using it); anything else is written and indexed once written. With
+     * {@code mayWait}, content that a write in flight is storing is left alone: false, and {@link #conflict} names
+     * that write.
      */
-    private boolean writeDeduped(long pos, byte[] data, int off, byte[] sha) throws IOException {
+    private boolean writeDeduped(long pos, byte[] data, int off, byte[] sha, boolean mayWait) throws IOException {
         loadDedupIndex();
         Deduplicator.Counters n = dedup.counters();
         long guest = pos / cs;
@@ -696,6 +698,9 @@ public final class Qcow2Writer {
         if (target >= 0) {
             shareInto(r, pos, target);
             return true;
+        }
+        if (mayWait && sharing && (conflict = storing.get(ByteBuffer.wrap(sha))) != null) {
+            return false; // a write in flight is storing this content: the caller waits for it, then looks again
         }
         n.misses++;
         if (plain && writableInPlace(e)) {
@@ -923,59 +928,144 @@ public final class Qcow2Writer {
         for (int i = 0; i < n; i++) {
             hashes[i] = Deduplicator.sha256(arr, base + i * c, c);
         }
+        // Three steps: (1) under the metadata lock, each cluster is deduped, zeroed or rewritten in place, and the
+        // ones that need new space get it (refcount 1, in the cache); (2) their data is written without the lock,
+        // so other writes go on meanwhile; (3) under the lock again, entries point at it and the index learns it,
+        // only now that the data is written. Until then its hashes are "stored by a write in flight": a write of
+        // the same content elsewhere waits for that write, then shares its cluster, as it would had the writes
+        // come one after the other. A flush in between writes the refcounts of the new clusters, never an entry
+        // pointing at them: a crash there leaks them at worst.
+        boolean[] done = new boolean[n];
+        int[] fresh = new int[n];
+        int nFresh;
+        List<int[]> copiesOfFresh = new ArrayList<>();
+        long first;
+        InFlight mine;
+        for (;;) {
+            InFlight other = null;
+            nFresh = 0;
+            copiesOfFresh.clear();
+            img.meta.lock();
+            try {
+                java.util.Map<ByteBuffer, Integer> freshByHash = null;
+                for (int i = 0; i < n; i++) {
+                    if (done[i]) {
+                        continue;
+                    }
+                    if (writeDeduped(pos + (long) i * c, arr, base + i * c, hashes[i], true)) {
+                        done[i] = true;
+                        continue;
+                    }
+                    if (conflict != null) {
+                        other = conflict;
+                        conflict = null;
+                        break;
+                    }
+                    if (freshByHash == null) {
+                        freshByHash = new java.util.HashMap<>();
+                    }
+                    Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
+                    boolean same = k != null && java.util.Arrays.equals(arr, base + fresh[k] * c, base + fresh[k] * c + c,
+                            arr, base + i * c, base + i * c + c);
+                    if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
+                        copiesOfFresh.add(new int[]{i, k});
+                    } else {
+                        if (same && dedup.allows(2)) {
+                            dedup.counters().ceilingHits++; // this copy is full: the next one starts a fresh target
+                        }
+                        freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
+                        fresh[nFresh++] = i;
+                    }
+                }
+                if (other == null) {
+                    if (nFresh == 0) {
+                        maybeWriteBack();
+                        return;
+                    }
+                    first = allocateData(nFresh);
+                    guardData(first, (long) nFresh * c);
+                    mine = new InFlight();
+                    if (sharing) {
+                        for (int j = 0; j < nFresh; j++) {
+                            storing.put(ByteBuffer.wrap(hashes[fresh[j]]), mine);
+                        }
+                    }
+                    break;
+                }
+            } finally {
+                img.meta.unlock();
+            }
+            other.awaitDone(); // then this write looks again at what is still undecided
+        }
+        try {
+            if (fresh[nFresh - 1] - fresh[0] == nFresh - 1) {
+                // The usual case, one stretch of the request: written from the caller's buffer as it is.
+                dataFile.write(data.slice(data.position() + fresh[0] * c, nFresh * c), first);
+            } else {
+                byte[] run = new byte[nFresh * c];
+                for (int j = 0; j < nFresh; j++) {
+                    System.arraycopy(arr, base + fresh[j] * c, run, j * c, c);
+                }
+                dataFile.write(ByteBuffer.wrap(run), first);
+            }
+        } catch (IOException | RuntimeException e) {
+            img.meta.lock();
+            try {
+                rc.free(first, nFresh); // nothing points at the run yet: a full disk leaves the image as it was
+                stored(mine, hashes, fresh, nFresh); // nothing to share: the waiting writes store their own
+            } finally {
+                img.meta.unlock();
+            }
+            throw e;
+        }
         img.meta.lock();
         try {
-            // Clusters that need new space are gathered, allocated as one run and written with one write.
-            int[] fresh = new int[n];
-            int nFresh = 0;
-            java.util.Map<ByteBuffer, Integer> freshByHash = null;
-            List<int[]> copiesOfFresh = new ArrayList<>();
-            for (int i = 0; i < n; i++) {
-                if (writeDeduped(pos + (long) i * c, arr, base + i * c, hashes[i])) {
-                    continue;
-                }
-                if (freshByHash == null) {
-                    freshByHash = new java.util.HashMap<>();
-                }
-                Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
-                boolean same = k != null && java.util.Arrays.equals(arr, base + fresh[k] * c, base + fresh[k] * c + c,
-                        arr, base + i * c, base + i * c + c);
-                if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
-                    copiesOfFresh.add(new int[]{i, k});
-                } else {
-                    if (same && dedup.allows(2)) {
-                        dedup.counters().ceilingHits++; // this copy is full: the next one starts a fresh target
-                    }
-                    freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
-                    fresh[nFresh++] = i;
-                }
+            L2Ref r = writableL2(geo.l1Index(pos));
+            for (int j = 0; j < nFresh; j++) {
+                int i = fresh[j];
+                publishFresh(r, pos + (long) i * c, first + (long) j * c, hashes[i]);
             }
-            if (nFresh > 0) {
-                long first = allocateData(nFresh);
-                guardData(first, (long) nFresh * c);
-                if (fresh[nFresh - 1] - fresh[0] == nFresh - 1) {
-                    // The usual case, one stretch of the request: written from the caller's buffer as it is.
-                    writeNewClusters(data.slice(data.position() + fresh[0] * c, nFresh * c), first, nFresh);
-                } else {
-                    byte[] run = new byte[nFresh * c];
-                    for (int j = 0; j < nFresh; j++) {
-                        System.arraycopy(arr, base + fresh[j] * c, run, j * c, c);
-                    }
-                    writeNewClusters(ByteBuffer.wrap(run), first, nFresh);
-                }
-                L2Ref r = writableL2(geo.l1Index(pos));
-                for (int j = 0; j < nFresh; j++) {
-                    int i = fresh[j];
-                    publishFresh(r, pos + (long) i * c, first + (long) j * c, hashes[i]);
-                }
-                for (int[] cp : copiesOfFresh) {
-                    shareInto(r, pos + (long) cp[0] * c, (first + (long) cp[1] * c) / cs);
-                }
+            for (int[] cp : copiesOfFresh) {
+                shareInto(r, pos + (long) cp[0] * c, (first + (long) cp[1] * c) / cs);
             }
             maybeWriteBack();
         } finally {
+            stored(mine, hashes, fresh, nFresh);
             img.meta.unlock();
         }
+    }
+
+    /** A dedup write between allocating its new clusters and publishing them; writes of the same content wait. */
+    private static final class InFlight {
+        private final java.util.concurrent.CountDownLatch published = new java.util.concurrent.CountDownLatch(1);
+
+        void awaitDone() {
+            boolean interrupted = false;
+            for (;;) {
+                try {
+                    published.await();
+                    break;
+                } catch (InterruptedException e) {
+                    interrupted = true;
+                }
+            }
+            if (interrupted) {
+                Thread.currentThread().interrupt();
+            }
+        }
+    }
+
+    /** Hashes of new clusters whose data is being written, by the write doing it (metadata lock held). */
+    private final java.util.Map<ByteBuffer, InFlight> storing = new java.util.HashMap<>();
+    /** Set by {@link #writeDeduped} when it left a cluster to a write in flight (metadata lock held). */
+    private InFlight conflict;
+
+    /** The in-flight write is over (published, or failed): its hashes go, and writes waiting for it go on. */
+    private void stored(InFlight w, byte[][] hashes, int[] fresh, int nFresh) {
+        for (int j = 0; j < nFresh; j++) {
+            storing.remove(ByteBuffer.wrap(hashes[fresh[j]]), w);
+        }
+        w.published.countDown();
     }
 
     /** Part of one cluster: in place when possible, else read-modify-write into a new cluster. */
@@ -996,7 +1086,7 @@ public final class Qcow2Writer {
                 img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
                 data.duplicate().get(full, inC, data.remaining());
                 byte[] sha = Deduplicator.sha256(full, 0, (int) cs);
-                if (!writeDeduped(cstart, full, 0, sha)) {
+                if (!writeDeduped(cstart, full, 0, sha, false)) {
                     long host = allocateData(1);
                     guardData(host, cs);
                     writeNewClusters(ByteBuffer.wrap(full), host, 1);

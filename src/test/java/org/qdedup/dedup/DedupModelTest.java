@@ -118,7 +118,12 @@ class DedupModelTest {
             return;
         }
         assertThat(hits).as("dedup hits").isGreaterThan(100);
-        // Exactness: host clusters the active layer maps equal the distinct non-zero contents of the model.
+        assertEachContentStoredOnce(img, model, cs);
+    }
+
+    /** Exactness: host clusters the active layer maps equal the distinct non-zero contents of the model. */
+    private void assertEachContentStoredOnce(String img, byte[] model, long cs) throws Exception {
+        long clusters = model.length / cs;
         Set<String> distinct = new HashSet<>();
         for (long c = 0; c < clusters; c++) {
             byte[] part = Arrays.copyOfRange(model, (int) (c * cs), (int) ((c + 1) * cs));
@@ -140,6 +145,63 @@ class DedupModelTest {
             }
         }
         assertThat(hosts).as("host clusters mapped by the active layer").hasSize(distinct.size());
+    }
+
+    /**
+     * Writers on several threads storing the same new contents at once (each in its own part of the disk, with
+     * discards and flushes between): a write waits for one in flight that stores its content, so each
+     * content is still stored exactly once, and reads, qemu-img check and the index are right.
+     */
+    @org.junit.jupiter.api.Test
+    void concurrentWritersOfTheSameContentsStoreEachOnce() throws Exception {
+        int threads = 4, perThread = 128, cs = 4096;
+        long size = (long) threads * perThread * cs;
+        String img = dir.resolve("m.qcow2").toString();
+        Qcow2Create.create(img, CreateOptions.defaults(size).withClusterBits(12));
+        ImageOps.enableDedup(img);
+        byte[][] pool = new byte[6][];
+        for (int k = 0; k < pool.length; k++) {
+            pool[k] = cluster(1000 + k);
+        }
+        byte[] model = new byte[(int) size];
+        long hits;
+        try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
+            java.util.concurrent.CyclicBarrier start = new java.util.concurrent.CyclicBarrier(threads);
+            onThreads(threads, region -> {
+                Random r = new Random(SEED + region);
+                for (int step = 0; step < 200; step++) {
+                    // every thread at once: the new contents of this step (or old ones) in a slot of its part
+                    start.await(60, java.util.concurrent.TimeUnit.SECONDS);
+                    int c = region * perThread + step % (perThread / 8) * 8;
+                    int n = 1 + r.nextInt(8);
+                    int k = r.nextInt(10);
+                    if (k < 8) {
+                        byte[] buf = new byte[n * cs];
+                        for (int j = 0; j < n; j++) {
+                            byte[] src = r.nextInt(4) == 0 ? pool[r.nextInt(pool.length)] : cluster(10_000 + step * 8L + j);
+                            System.arraycopy(src, 0, buf, j * cs, cs);
+                        }
+                        q.write(ByteBuffer.wrap(buf), (long) c * cs);
+                        System.arraycopy(buf, 0, model, c * cs, buf.length);
+                    } else if (k < 9) {
+                        q.discard((long) c * cs, (long) n * cs);
+                        Arrays.fill(model, c * cs, (c + n) * cs, (byte) 0);
+                    } else {
+                        q.flush();
+                    }
+                }
+            });
+            ByteBuffer got = ByteBuffer.allocate((int) size);
+            q.read(got, 0);
+            assertThat(Arrays.mismatch(got.array(), model)).as("read back").isEqualTo(-1);
+            assertThat(q.writer().staleDedupEntries()).as("stale index entries").isZero();
+            hits = q.writer().dedupCounters().hits;
+        }
+        assertThat(hits).as("dedup hits").isGreaterThan(100);
+        assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
+        Files.write(dir.resolve("m.raw"), model);
+        qemu("qemu-img", "compare", "-f", "qcow2", "-F", "raw", img, "m.raw");
+        assertEachContentStoredOnce(img, model, cs);
     }
 
 
@@ -201,6 +263,32 @@ class DedupModelTest {
         assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
     }
 
+    /** Work of one of several threads, given its number. */
+    private interface ThreadBody {
+        void run(int thread) throws Exception;
+    }
+
+    /** Runs {@code body} on {@code threads} threads at once; fails with the first failure of any. */
+    private static void onThreads(int threads, ThreadBody body) throws Exception {
+        java.util.concurrent.atomic.AtomicReference<Throwable> err = new java.util.concurrent.atomic.AtomicReference<>();
+        Thread[] ts = new Thread[threads];
+        for (int t = 0; t < threads; t++) {
+            int k = t;
+            ts[t] = new Thread(() -> {
+                try {
+                    body.run(k);
+                } catch (Throwable e) {
+                    err.compareAndSet(null, e);
+                }
+            });
+            ts[t].start();
+        }
+        for (Thread t : ts) {
+            t.join();
+        }
+        assertThat(err.get()).isNull();
+    }
+
     private static byte[] cluster(long v) {
         byte[] c = new byte[4096];
         new Random(v).nextBytes(c);
@@ -214,27 +302,13 @@ class DedupModelTest {
         ImageOps.enableDedup(img);
         byte[] content = cluster(42);
         try (Qcow2Image q = Images.openWritable(img, OpenOptions.defaults())) {
-            Thread[] ts = new Thread[2];
-            java.util.concurrent.atomic.AtomicReference<Throwable> err = new java.util.concurrent.atomic.AtomicReference<>();
             java.util.concurrent.CyclicBarrier start = new java.util.concurrent.CyclicBarrier(2);
-            for (int t = 0; t < 2; t++) {
-                int base = t;
-                ts[t] = new Thread(() -> {
-                    try {
-                        start.await();
-                        for (int i = 0; i < 500; i++) {
-                            q.write(ByteBuffer.wrap(content), (long) (2 * i + base) * 4096);
-                        }
-                    } catch (Throwable e) {
-                        err.set(e);
-                    }
-                });
-                ts[t].start();
-            }
-            for (Thread t : ts) {
-                t.join();
-            }
-            assertThat(err.get()).isNull();
+            onThreads(2, base -> {
+                start.await();
+                for (int i = 0; i < 500; i++) {
+                    q.write(ByteBuffer.wrap(content), (long) (2 * i + base) * 4096);
+                }
+            });
         }
         assertThat(qemu("qemu-img", "check", img)).contains("No errors were found");
         Set<Long> hosts = new HashSet<>();
