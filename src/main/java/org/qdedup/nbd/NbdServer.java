@@ -23,8 +23,9 @@ import org.qdedup.image.WritableDevice;
 
 /**
  * Serves one image over NBD (fixed newstyle handshake, structured replies, base:allocation): the export handler.
- * Each connection reads requests in order and runs them concurrently, answering each as it completes; replies of
- * one connection are written one at a time. Bad input from a client ends that client's connection, never the
+ * Each connection reads requests in order; plain WRITEs run one after the other on the connection's own thread,
+ * the other requests concurrently on a pool, and each is answered as it completes; replies of one connection are
+ * written one at a time. Bad input from a client ends that client's connection, never the
  * server, and never reaches the image unchecked.
  */
 public final class NbdServer implements AutoCloseable {
@@ -101,10 +102,14 @@ public final class NbdServer implements AutoCloseable {
                 continue;
             }
             clients.add(c);
-            if (c.getLocalAddress() instanceof java.net.UnixDomainSocketAddress) {
-                // A unix socket's buffer (about 200 KiB by default) is smaller than one 256 KiB READ reply of
-                // nbdcopy: each would wait for the client halfway. (TCP tunes its own buffers.)
-                c.setOption(java.net.StandardSocketOptions.SO_SNDBUF, SEND_BUFFER);
+            try {
+                if (c.getLocalAddress() instanceof java.net.UnixDomainSocketAddress) {
+                    // A unix socket's buffer (about 200 KiB by default) is smaller than one 256 KiB READ reply of
+                    // nbdcopy: each would wait for the client halfway. (TCP tunes its own buffers.)
+                    c.setOption(java.net.StandardSocketOptions.SO_SNDBUF, SEND_BUFFER);
+                }
+            } catch (IOException e) {
+                // only a hint: the connection works without it
             }
             threads.submit(() -> {
                 try (c) {
