@@ -453,6 +453,22 @@ class BadInputTest {
         before.assertUnchanged(img);
     }
 
+    /** Found by ImageFuzzTest (qemu-img read it, we refused): an empty backing format is none, the backing file is probed. */
+    @Test
+    void emptyBackingFormatIsProbed() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "fmtbase.qcow2", "1M");
+        Qemu.io(dir, "qcow2", "fmtbase.qcow2", List.of("write -P 0x56 0 64k"));
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "fmtbase.qcow2", "-F", "qcow2", "fmt.qcow2");
+        Path img = dir.resolve("fmt.qcow2");
+        long ext = u32(img, 100);
+        assertThat(u32(img, ext)).as("first extension is the backing format").isEqualTo(0xe2792acaL);
+        patch(img, ext + 8, new byte[8]); // "qcow2" becomes five NULs: an empty name as QEMU reads it
+        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+        assertThat(Files.readAllBytes(Path.of(out()))).isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");

@@ -233,9 +233,11 @@ public record Header(
         return null;
     }
 
+    /** The backing format, or null when there is none: no extension, or (as QEMU reads it) an empty name, probed. */
     public String backingFormat() {
         HeaderExtension e = extension(HeaderExtension.BACKING_FORMAT);
-        return e == null ? null : cString(e.data(), 0, e.data().length);
+        String f = e == null ? null : cString(e.data(), 0, e.data().length);
+        return f == null || f.isEmpty() ? null : f;
     }
 
     public String dataFile() {
