@@ -355,11 +355,7 @@ class BadInputTest {
             assertThat(info.rc).as("info: %s", info.err).isZero();
             Object backing = ((java.util.Map<?, ?>) Json.parse(info.out)).get("backing-filename");
             assertThat(backing).isEqualTo(expectBacking);
-            Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
-            assertThat(conv.rc).as("convert: %s", conv.err).isZero();
-            Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
-            assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's")
-                    .isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+            expectConvertAsQemu(img);
             before.assertUnchanged(img);
             patch(img, at, new byte[]{0}); // then: empty up to its NUL
         }
@@ -443,10 +439,7 @@ class BadInputTest {
         long rt = u64(img, 48);
         put64(img, rt, u64(img, rt) + 4);
         Snap before = Snap.of(img);
-        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
-        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
-        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
-        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+        expectConvertAsQemu(img);
         assertThat(runTimed("map", "--output=json", img.toString()).rc).isZero();
         Result check = runTimed("check", img.toString());
         assertThat(check.rc).as("check: %s%s", check.out, check.err).isIn(1, 2);
@@ -463,10 +456,7 @@ class BadInputTest {
         long ext = u32(img, 100);
         assertThat(u32(img, ext)).as("first extension is the backing format").isEqualTo(0xe2792acaL);
         patch(img, ext + 8, new byte[8]); // "qcow2" becomes five NULs: an empty name as QEMU reads it
-        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
-        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
-        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
-        assertThat(Files.readAllBytes(Path.of(out()))).isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+        expectConvertAsQemu(img);
     }
 
     @Test
@@ -594,6 +584,14 @@ class BadInputTest {
         for (String[] c : cmds) {
             expectError(img, f, c, mustContain);
         }
+    }
+
+    /** Not bad input after all: convert -O raw succeeds and gives what qemu-img's gives. */
+    private void expectConvertAsQemu(Path img) throws IOException {
+        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
     }
 
     /** info reads no L2 table: it may succeed (as qemu-img does) but must not crash or change the image. */
