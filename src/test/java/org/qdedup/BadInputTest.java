@@ -459,6 +459,33 @@ class BadInputTest {
         expectConvertAsQemu(img);
     }
 
+    /** Found by ImageFuzzTest (a difference from qemu-img): QEMU counts the virtual size in whole 512-byte sectors. */
+    @Test
+    void sizeFieldNotAMultipleOf512ReadsAsWholeSectors() throws Exception {
+        Path img = dir.resolve("oddsize.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", img.toString(), "12M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x61 0 12M"));
+        for (long size : new long[]{(12L << 20) - 1, (8L << 20) + 1}) {
+            put64(img, 24, size);
+            Result info = runTimed("info", "--output=json", img.toString());
+            assertThat(((Number) ((java.util.Map<?, ?>) Json.parse(info.out)).get("virtual-size")).longValue()).isEqualTo(size & ~511L);
+            expectConvertAsQemu(img);
+        }
+    }
+
+    /** Found by ImageFuzzTest: a newline in a name quoted from the image (here the backing format) split the error line. */
+    @Test
+    void controlCharactersInQuotedNamesStayOnOneLine() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "nlbase.qcow2", "1M");
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "nlbase.qcow2", "-F", "qcow2", "nl.qcow2");
+        Path img = dir.resolve("nl.qcow2");
+        keepTwin(img);
+        long ext = u32(img, 100);
+        assertThat(u32(img, ext)).as("first extension is the backing format").isEqualTo(0xe2792acaL);
+        patch(img, ext + 8, "q\ncow".getBytes(StandardCharsets.ISO_8859_1));
+        expectOpenError(img, "backing file format 'q\\x0acow'");
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");

@@ -247,7 +247,7 @@ public final class Images {
         List<Snapshot> snaps = readSnapshots(file, h);
         long l1Offset = h.l1TableOffset();
         int l1Size = h.l1Size();
-        long size = h.size();
+        long size = wholeSectors(h.size());
         if (opts.snapshotName() != null) {
             Snapshot s = null;
             for (Snapshot c : snaps) {
@@ -261,7 +261,7 @@ public final class Images {
             l1Offset = s.l1TableOffset();
             l1Size = s.l1Size();
             if (s.diskSize() >= 0) {
-                size = s.diskSize();
+                size = wholeSectors(s.diskSize());
             }
             long need = new Geometry(h.clusterBits(), h.extendedL2()).l1EntriesFor(size);
             if (l1Size < need) {
@@ -307,7 +307,7 @@ public final class Images {
                 snaps = readSnapshots(file, h);
                 l1Offset = h.l1TableOffset();
                 l1 = readTable(file, l1Offset, h.l1Size());
-                size = h.size();
+                size = wholeSectors(h.size());
             }
             return new Qcow2Image(file, dataFile, h, l1Offset, l1, size, backing, snaps);
         } catch (IOException | RuntimeException e) {
@@ -319,6 +319,11 @@ public final class Images {
             }
             throw e;
         }
+    }
+
+    /** QEMU counts a qcow2 image's virtual size in whole 512-byte sectors: a size field of 8 MiB + 1 reads as 8 MiB. */
+    private static long wholeSectors(long bytes) {
+        return bytes & ~511L;
     }
 
     /** The chain from the top image down, for info --backing-chain. */
