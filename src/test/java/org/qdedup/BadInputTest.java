@@ -148,6 +148,37 @@ class BadInputTest {
         expectOpenError(max, "refcount_table_clusters", "offset 56", "found 4294967295");
     }
 
+    /**
+     * Found by ImageFuzzTest: a write into an image with an empty refcount table, or with its first refcount block
+     * gone from the table, reported success and was lost: every cluster looked free, the new L2 table or refcount
+     * block landed on the header. An empty table is refused at open (as QEMU does); an allocation that would land on
+     * metadata is refused and the image marked corrupt, as QEMU's overlap checks do.
+     */
+    @Test
+    void allocationsNeverLandOnMetadata() throws Exception {
+        Path empty = base("rtclusters0.qcow2");
+        put32(empty, 56, 0);
+        expectOpenError(empty, "refcount_table_clusters", "offset 56", "at least 1", "found 0");
+
+        Path img = base("rtentry0.qcow2");
+        long rt = u64(img, 48);
+        put64(img, rt, 0); // the block that counts the header, the tables and the data is gone
+        byte[] c = new byte[65536];
+        java.util.Arrays.fill(c, (byte) 0x5a);
+        org.assertj.core.api.Assertions.assertThatThrownBy(() -> {
+            try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                    org.qdedup.image.OpenOptions.defaults())) {
+                q.write(java.nio.ByteBuffer.wrap(c), 2L << 30); // guest 2 GiB: a new L2 table and a data cluster
+                q.flush();
+            }
+        }).isInstanceOf(IOException.class).hasMessageContaining("refusing an allocation").hasMessageContaining("overlaps the");
+        assertThat(u64(img, 72) & 2).as("marked corrupt").isEqualTo(2);
+        Qemu.Result read = Qemu.exec(dir, List.of("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x11 0 128k", "-c",
+                "read -P 0x22 1G 64k", img.toString()));
+        assertThat(read.exit()).as("the data is still there: %s%s", read.out(), read.err()).isZero();
+        assertThat(read.out() + read.err()).doesNotContain("fail");
+    }
+
     @Test
     void refcountTableUnaligned() throws Exception {
         Path img = base("rtunaligned.qcow2");

@@ -413,6 +413,10 @@ public record Header(
             throw FormatException.at(file, "qcow2 header refcount_table_clusters", 56,
                     "at most " + (MAX_REFTABLE_BYTES / clusterSize), Long.toString(rtClusters));
         }
+        if (rtClusters == 0) {
+            // As QEMU ("Image does not contain a reference count table"): nothing could be allocated safely.
+            throw FormatException.at(file, "qcow2 header refcount_table_clusters", 56, "at least 1", "0");
+        }
         checkTable(file, "refcount table", 48, rtOffset, rtClusters * clusterSize, clusterSize, fileSize, true);
         if (nbSnapshots > MAX_SNAPSHOTS) {
             throw FormatException.at(file, "qcow2 header nb_snapshots", 60, "at most " + MAX_SNAPSHOTS, Long.toString(nbSnapshots));

@@ -64,6 +64,7 @@ public final class Qcow2Writer {
         this.rc = img.refcounts();
         this.cs = geo.clusterSize();
         rc.onTableMoved((off, clusters) -> updateHeader(img.header().withRefcountTable(off, clusters)));
+        rc.onAllocate((cluster, count) -> guardMetadata(cluster * cs, count * cs, "an allocation"));
         if (img.header().dedup() && !img.header().hasDataFile()) {
             dedup = new Deduplicator(new Deduplicator.RefcountPort() {
                 @Override
