@@ -517,6 +517,24 @@ class BadInputTest {
         expectOpenError(img, "backing file format 'q\\x0acow'");
     }
 
+    /**
+     * Found by ImageFuzzTest: the repair at the read-write open of a dirty image failed with a bare "File too large"
+     * (an L2 entry 32 PiB past the end: the repair extends the file to cover it); it now says the repair failed.
+     */
+    @Test
+    void failedRepairAtOpenSaysSo() throws Exception {
+        Path img = dir.resolve("dirtyfar.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img.toString(), "1M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 64k"));
+        put64(img, 72, u64(img, 72) | 1); // dirty
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        put64(img, l2, (1L << 63) | (1L << 55)); // guest cluster 0 at 32 PiB
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("its repair failed")
+                .hasMessageContaining("check -r all");
+    }
+
     @Test
     void backingLoop() throws Exception {
         Path a = dir.resolve("a.qcow2");

@@ -298,7 +298,14 @@ public final class Images {
             if (writable && h.dirty()) {
                 // Not closed cleanly with lazy refcounts: rebuild the refcounts before any write (as QEMU does), once
                 // everything else has been validated, so an image refused for another reason is left as it was.
-                Check.Result r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+                Check.Result r;
+                try {
+                    r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+                } catch (IOException e) {
+                    // The repair has begun writing (as QEMU's does): say so, not just "File too large".
+                    throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + e.getMessage()
+                            + "); run 'qdedup check -r all' for details");
+                }
                 if (r.corruptions > 0 || r.checkErrors > 0) {
                     throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + r.corruptions
                             + " corruptions left); run 'qdedup check -r all' for details");
