@@ -148,6 +148,37 @@ class BadInputTest {
         expectOpenError(max, "refcount_table_clusters", "offset 56", "found 4294967295");
     }
 
+    /**
+     * Found by ImageFuzzTest: a write into an image with an empty refcount table, or with its first refcount block
+     * gone from the table, reported success and was lost: every cluster looked free, the new L2 table or refcount
+     * block landed on the header. An empty table is refused at open (as QEMU does); an allocation that would land on
+     * metadata is refused and the image marked corrupt, as QEMU's overlap checks do.
+     */
+    @Test
+    void allocationsNeverLandOnMetadata() throws Exception {
+        Path empty = base("rtclusters0.qcow2");
+        put32(empty, 56, 0);
+        expectOpenError(empty, "refcount_table_clusters", "offset 56", "at least 1", "found 0");
+
+        Path img = base("rtentry0.qcow2");
+        long rt = u64(img, 48);
+        put64(img, rt, 0); // the block that counts the header, the tables and the data is gone
+        byte[] c = new byte[65536];
+        java.util.Arrays.fill(c, (byte) 0x5a);
+        org.assertj.core.api.Assertions.assertThatThrownBy(() -> {
+            try (org.qdedup.image.Qcow2Image q = org.qdedup.image.Images.openWritable(img.toString(),
+                    org.qdedup.image.OpenOptions.defaults())) {
+                q.write(java.nio.ByteBuffer.wrap(c), 2L << 30); // guest 2 GiB: a new L2 table and a data cluster
+                q.flush();
+            }
+        }).isInstanceOf(IOException.class).hasMessageContaining("refusing an allocation").hasMessageContaining("overlaps the");
+        assertThat(u64(img, 72) & 2).as("marked corrupt").isEqualTo(2);
+        Qemu.Result read = Qemu.exec(dir, List.of("qemu-io", "-r", "-f", "qcow2", "-c", "read -P 0x11 0 128k", "-c",
+                "read -P 0x22 1G 64k", img.toString()));
+        assertThat(read.exit()).as("the data is still there: %s%s", read.out(), read.err()).isZero();
+        assertThat(read.out() + read.err()).doesNotContain("fail");
+    }
+
     @Test
     void refcountTableUnaligned() throws Exception {
         Path img = base("rtunaligned.qcow2");
@@ -355,11 +386,7 @@ class BadInputTest {
             assertThat(info.rc).as("info: %s", info.err).isZero();
             Object backing = ((java.util.Map<?, ?>) Json.parse(info.out)).get("backing-filename");
             assertThat(backing).isEqualTo(expectBacking);
-            Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
-            assertThat(conv.rc).as("convert: %s", conv.err).isZero();
-            Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
-            assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's")
-                    .isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+            expectConvertAsQemu(img);
             before.assertUnchanged(img);
             patch(img, at, new byte[]{0}); // then: empty up to its NUL
         }
@@ -443,14 +470,69 @@ class BadInputTest {
         long rt = u64(img, 48);
         put64(img, rt, u64(img, rt) + 4);
         Snap before = Snap.of(img);
-        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
-        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
-        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
-        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
+        expectConvertAsQemu(img);
         assertThat(runTimed("map", "--output=json", img.toString()).rc).isZero();
         Result check = runTimed("check", img.toString());
         assertThat(check.rc).as("check: %s%s", check.out, check.err).isIn(1, 2);
         before.assertUnchanged(img);
+    }
+
+    /** Found by ImageFuzzTest (qemu-img read it, we refused): an empty backing format is none, the backing file is probed. */
+    @Test
+    void emptyBackingFormatIsProbed() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "fmtbase.qcow2", "1M");
+        Qemu.io(dir, "qcow2", "fmtbase.qcow2", List.of("write -P 0x56 0 64k"));
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "fmtbase.qcow2", "-F", "qcow2", "fmt.qcow2");
+        Path img = dir.resolve("fmt.qcow2");
+        long ext = u32(img, 100);
+        assertThat(u32(img, ext)).as("first extension is the backing format").isEqualTo(0xe2792acaL);
+        patch(img, ext + 8, new byte[8]); // "qcow2" becomes five NULs: an empty name as QEMU reads it
+        expectConvertAsQemu(img);
+    }
+
+    /** Found by ImageFuzzTest (a difference from qemu-img): QEMU counts the virtual size in whole 512-byte sectors. */
+    @Test
+    void sizeFieldNotAMultipleOf512ReadsAsWholeSectors() throws Exception {
+        Path img = dir.resolve("oddsize.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", img.toString(), "12M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x61 0 12M"));
+        for (long size : new long[]{(12L << 20) - 1, (8L << 20) + 1}) {
+            put64(img, 24, size);
+            Result info = runTimed("info", "--output=json", img.toString());
+            assertThat(((Number) ((java.util.Map<?, ?>) Json.parse(info.out)).get("virtual-size")).longValue()).isEqualTo(size & ~511L);
+            expectConvertAsQemu(img);
+        }
+    }
+
+    /** Found by ImageFuzzTest: a newline in a name quoted from the image (here the backing format) split the error line. */
+    @Test
+    void controlCharactersInQuotedNamesStayOnOneLine() throws Exception {
+        Qemu.img(dir, "create", "-f", "qcow2", "nlbase.qcow2", "1M");
+        Qemu.img(dir, "create", "-f", "qcow2", "-b", "nlbase.qcow2", "-F", "qcow2", "nl.qcow2");
+        Path img = dir.resolve("nl.qcow2");
+        keepTwin(img);
+        long ext = u32(img, 100);
+        assertThat(u32(img, ext)).as("first extension is the backing format").isEqualTo(0xe2792acaL);
+        patch(img, ext + 8, "q\ncow".getBytes(StandardCharsets.ISO_8859_1));
+        expectOpenError(img, "backing file format 'q\\x0acow'");
+    }
+
+    /**
+     * Found by ImageFuzzTest: the repair at the read-write open of a dirty image failed with a bare "File too large"
+     * (an L2 entry 32 PiB past the end: the repair extends the file to cover it); it now says the repair failed.
+     */
+    @Test
+    void failedRepairAtOpenSaysSo() throws Exception {
+        Path img = dir.resolve("dirtyfar.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "lazy_refcounts=on", img.toString(), "1M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 64k"));
+        put64(img, 72, u64(img, 72) | 1); // dirty
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        put64(img, l2, (1L << 63) | (1L << 55)); // guest cluster 0 at 32 PiB
+        org.assertj.core.api.Assertions.assertThatThrownBy(
+                        () -> org.qdedup.image.Images.openWritable(img.toString(), org.qdedup.image.OpenOptions.defaults()).close())
+                .isInstanceOf(org.qdedup.format.FormatException.class).hasMessageContaining("its repair failed")
+                .hasMessageContaining("check -r all");
     }
 
     @Test
@@ -578,6 +660,14 @@ class BadInputTest {
         for (String[] c : cmds) {
             expectError(img, f, c, mustContain);
         }
+    }
+
+    /** Not bad input after all: convert -O raw succeeds and gives what qemu-img's gives. */
+    private void expectConvertAsQemu(Path img) throws IOException {
+        Result conv = runTimed("convert", "-O", "raw", img.toString(), out());
+        assertThat(conv.rc).as("convert: %s", conv.err).isZero();
+        Qemu.img(dir, "convert", "-O", "raw", img.toString(), dir.resolve("qemu.raw").toString());
+        assertThat(Files.readAllBytes(Path.of(out()))).as("convert as qemu-img's").isEqualTo(Files.readAllBytes(dir.resolve("qemu.raw")));
     }
 
     /** info reads no L2 table: it may succeed (as qemu-img does) but must not crash or change the image. */

@@ -301,7 +301,7 @@ final class ImageMutator {
         byte[] nb = name.getBytes(StandardCharsets.UTF_8);
         int at = s.backingNameOffset != 0 ? s.backingNameOffset : s.extensions.getLast().offset() + 8;
         int size = r.nextInt(6) == 0 ? r.nextInt(2048) : nb.length;
-        if (at + nb.length > b.length || at + nb.length > (1 << s.clusterBits)) {
+        if (b.length < 20 || at + nb.length > b.length || at + nb.length > (1 << s.clusterBits)) {
             return b;
         }
         System.arraycopy(nb, 0, b, at, nb.length);
@@ -319,7 +319,7 @@ final class ImageMutator {
                 byte[] fb = fmt.getBytes(StandardCharsets.UTF_8);
                 int len = (int) Be.u32(b, f.offset() + 4);
                 int room = (len + 7) & ~7;
-                if (fb.length > room) {
+                if (fb.length > room || f.offset() + 8 + room > b.length) {
                     return b;
                 }
                 Arrays.fill(b, f.offset() + 8, f.offset() + 8 + room, (byte) 0);

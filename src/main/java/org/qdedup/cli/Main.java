@@ -98,7 +98,7 @@ public final class Main implements Runnable {
         }
         if (t instanceof IOException || t instanceof IllegalArgumentException || t instanceof CliException) {
             String m = t.getMessage();
-            return m == null ? t.getClass().getSimpleName() : m;
+            return m == null ? t.getClass().getSimpleName() : org.qdedup.format.FormatException.printable(m);
         }
         if (t instanceof OutOfMemoryError) {
             return "out of memory (raise the heap with QDEDUP_JAVA_OPTS=-Xmx...)";

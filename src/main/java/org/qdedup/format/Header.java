@@ -233,9 +233,11 @@ public record Header(
         return null;
     }
 
+    /** The backing format, or null when there is none: no extension, or (as QEMU reads it) an empty name, probed. */
     public String backingFormat() {
         HeaderExtension e = extension(HeaderExtension.BACKING_FORMAT);
-        return e == null ? null : cString(e.data(), 0, e.data().length);
+        String f = e == null ? null : cString(e.data(), 0, e.data().length);
+        return f == null || f.isEmpty() ? null : f;
     }
 
     public String dataFile() {
@@ -410,6 +412,10 @@ public record Header(
         if (rtClusters * clusterSize > MAX_REFTABLE_BYTES) {
             throw FormatException.at(file, "qcow2 header refcount_table_clusters", 56,
                     "at most " + (MAX_REFTABLE_BYTES / clusterSize), Long.toString(rtClusters));
+        }
+        if (rtClusters == 0) {
+            // As QEMU ("Image does not contain a reference count table"): nothing could be allocated safely.
+            throw FormatException.at(file, "qcow2 header refcount_table_clusters", 56, "at least 1", "0");
         }
         checkTable(file, "refcount table", 48, rtOffset, rtClusters * clusterSize, clusterSize, fileSize, true);
         if (nbSnapshots > MAX_SNAPSHOTS) {

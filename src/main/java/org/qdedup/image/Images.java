@@ -247,7 +247,7 @@ public final class Images {
         List<Snapshot> snaps = readSnapshots(file, h);
         long l1Offset = h.l1TableOffset();
         int l1Size = h.l1Size();
-        long size = h.size();
+        long size = wholeSectors(h.size());
         if (opts.snapshotName() != null) {
             Snapshot s = null;
             for (Snapshot c : snaps) {
@@ -261,7 +261,7 @@ public final class Images {
             l1Offset = s.l1TableOffset();
             l1Size = s.l1Size();
             if (s.diskSize() >= 0) {
-                size = s.diskSize();
+                size = wholeSectors(s.diskSize());
             }
             long need = new Geometry(h.clusterBits(), h.extendedL2()).l1EntriesFor(size);
             if (l1Size < need) {
@@ -298,7 +298,14 @@ public final class Images {
             if (writable && h.dirty()) {
                 // Not closed cleanly with lazy refcounts: rebuild the refcounts before any write (as QEMU does), once
                 // everything else has been validated, so an image refused for another reason is left as it was.
-                Check.Result r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+                Check.Result r;
+                try {
+                    r = Check.run(file, Check.Fix.ALL, new java.io.PrintStream(java.io.OutputStream.nullOutputStream()));
+                } catch (IOException e) {
+                    // The repair has begun writing (as QEMU's does): say so, not just "File too large".
+                    throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + e.getMessage()
+                            + "); run 'qdedup check -r all' for details");
+                }
                 if (r.corruptions > 0 || r.checkErrors > 0) {
                     throw FormatException.of(name, "image was not closed cleanly and its repair failed (" + r.corruptions
                             + " corruptions left); run 'qdedup check -r all' for details");
@@ -307,7 +314,7 @@ public final class Images {
                 snaps = readSnapshots(file, h);
                 l1Offset = h.l1TableOffset();
                 l1 = readTable(file, l1Offset, h.l1Size());
-                size = h.size();
+                size = wholeSectors(h.size());
             }
             return new Qcow2Image(file, dataFile, h, l1Offset, l1, size, backing, snaps);
         } catch (IOException | RuntimeException e) {
@@ -319,6 +326,11 @@ public final class Images {
             }
             throw e;
         }
+    }
+
+    /** QEMU counts a qcow2 image's virtual size in whole 512-byte sectors: a size field of 8 MiB + 1 reads as 8 MiB. */
+    private static long wholeSectors(long bytes) {
+        return bytes & ~511L;
     }
 
     /** The chain from the top image down, for info --backing-chain. */

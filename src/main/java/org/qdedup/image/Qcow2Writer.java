@@ -72,6 +72,7 @@ public final class Qcow2Writer {
         this.cs = geo.clusterSize();
         rc.onTableMoved((off, clusters) -> updateHeader(img.header().withRefcountTable(off, clusters)));
         rc.onFatal(e -> failed = e);
+        rc.onAllocate((cluster, count) -> guardMetadata(cluster * cs, count * cs, "an allocation"));
         if (img.header().dedup() && !img.header().hasDataFile()) {
             dedup = new Deduplicator(new Deduplicator.RefcountPort() {
                 @Override

@@ -72,6 +72,26 @@ public final class Refcounts {
         this.listener = l;
     }
 
+    /**
+     * Checks clusters about to be handed out (or to hold a new refcount block) against the image's metadata: in a
+     * damaged image a cluster in use can look free (its refcount block gone from the table, say). Set by the writer.
+     */
+    public interface AllocationGuard {
+        void check(long cluster, long count) throws IOException;
+    }
+
+    private AllocationGuard guard;
+
+    void onAllocate(AllocationGuard g) {
+        this.guard = g;
+    }
+
+    private void guard(long cluster, long count) throws IOException {
+        if (guard != null) {
+            guard.check(cluster, count);
+        }
+    }
+
     void onTableMoved(TableMoved cb) {
         this.onTableMoved = cb;
     }
@@ -290,6 +310,7 @@ public final class Refcounts {
         } else {
             b = avoidEnd;
         }
+        guard(b, 1);
         long off = b << clusterBits;
         extendTo(off + clusterSize);
         blocks.put(off, blk);
@@ -467,6 +488,7 @@ public final class Refcounts {
             c++;
         }
         long runEnd = runStart + n;
+        guard(runStart, n);
         growsTo(runEnd << clusterBits);
         avoidStart = runStart;
         avoidEnd = runEnd;
@@ -508,6 +530,7 @@ public final class Refcounts {
                 return false;
             }
         }
+        guard(cluster, n);
         growsTo((cluster + n) << clusterBits);
         avoidStart = cluster;
         avoidEnd = cluster + n;
