@@ -8,6 +8,7 @@
 # the one write in flight may hold its pattern instead); stop the server (SIGTERM); qemu-img check must be clean.
 #
 #   ROUNDS=200 bench/kill9.sh          # default 20 rounds; WORK=DIR keeps the files there
+#   KEEP=1: also keeps the image after each kill and after each verified round (WORK/crashed.N, verified.N)
 set -euo pipefail
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 qdedup="$root/bin/qdedup"
@@ -43,6 +44,19 @@ start_server() {
   exit 1
 }
 
+# holds PATTERN OFFSET LENGTH: whether the export holds that pattern there (exit 0), does not (1); dies on errors.
+holds() {
+  local out
+  out=$(qemu-io -f raw -c "read -P $1 $2 $3" "$uri" 2>&1) || true
+  if printf '%s\n' "$out" | grep -q "^Pattern verification failed"; then
+    return 1
+  fi
+  if ! printf '%s\n' "$out" | grep -q "^read $3/$3 bytes at offset $2"; then
+    echo "kill9: reading $3 bytes at $2 failed: $out" >&2
+    exit 1
+  fi
+}
+
 # Command n of round r writes pattern pat(n) into slot slot(n).
 slot_of() { echo $(( ($1 * 37 + $2 * 11) % SLOTS )); }
 pat_of() { echo $(( ($1 + $2 * 7) % 255 + 1 )); }
@@ -69,6 +83,9 @@ for ((round = 0; round < ROUNDS; round++)); do
   wait "$fio_pid" 2>/dev/null || true
   wait "$writer_pid" 2>/dev/null || true
   done_writes=$(grep -c "^.*wrote $SLOT/$SLOT bytes at offset" "$work/writer.log" || true)
+  if [ -n "${KEEP:-}" ]; then
+    cp "$img" "$work/crashed.$round.qcow2" # the state the kill left, for a post-mortem
+  fi
   writes=$((writes + done_writes))
   # Acknowledged (FUA) writes are durable; the next one was in flight.
   declare -a alt
@@ -92,7 +109,7 @@ for ((round = 0; round < ROUNDS; round++)); do
       echo "kill9: round $round: slot $i at offset $off lost its durable pattern ${expect[i]}" >&2
       exit 1
     fi
-    if qemu-io -f raw -c "read -P ${alt[i]} $off 4k" "$uri" 2>&1 | grep -q "Pattern verification failed"; then
+    if ! holds "${alt[i]}" "$off" 4096; then
       echo "kill9: round $round: slot $i at offset $off holds neither ${expect[i]} nor ${alt[i]}" >&2
       exit 1
     fi
@@ -105,8 +122,8 @@ for ((round = 0; round < ROUNDS; round++)); do
   # The in-flight write's slot now holds a mix: take what is there as the durable state of each cluster.
   if [ "${alt[$(slot_of $done_writes $round)]}" -ge 0 ]; then
     s=$(slot_of $done_writes $round)
-    if qemu-io -f raw -c "read -P ${alt[s]} $((BASE + s * SLOT)) $SLOT" "$uri" 2>&1 | grep -q "Pattern verification failed"; then
-      if qemu-io -f raw -c "read -P ${expect[s]} $((BASE + s * SLOT)) $SLOT" "$uri" 2>&1 | grep -q "Pattern verification failed"; then
+    if ! holds "${alt[s]}" $((BASE + s * SLOT)) $SLOT; then
+      if ! holds "${expect[s]}" $((BASE + s * SLOT)) $SLOT; then
         qemu-io -f raw -c "write -f -P ${expect[s]} $((BASE + s * SLOT)) $SLOT" "$uri" >/dev/null # make it uniform
       fi
     else
@@ -121,6 +138,9 @@ for ((round = 0; round < ROUNDS; round++)); do
     echo "kill9: round $round: qemu-img check is not clean:" >&2
     cat "$work/check.out" >&2
     exit 1
+  fi
+  if [ -n "${KEEP:-}" ]; then
+    cp "$img" "$work/verified.$round.qcow2"
   fi
   echo "round $round: killed after $done_writes durable writes; $((SLOTS * SLOT / 4096)) clusters verified; check clean"
 done
