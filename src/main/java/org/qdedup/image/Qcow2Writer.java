@@ -953,6 +953,15 @@ public final class Qcow2Writer {
                     if (done[i]) {
                         continue;
                     }
+                    // The same content earlier in this request, still waiting for its new cluster: share that one,
+                    // also where this cluster could take the content in place (which would store it twice).
+                    Integer pending = freshByHash == null ? null : freshByHash.get(ByteBuffer.wrap(hashes[i]));
+                    if (pending != null && sharing && java.util.Arrays.equals(arr, base + fresh[pending] * c,
+                            base + fresh[pending] * c + c, arr, base + i * c, base + i * c + c)
+                            && dedup.allows(2 + copiesOf(copiesOfFresh, pending))) {
+                        copiesOfFresh.add(new int[]{i, pending});
+                        continue;
+                    }
                     if (writeDeduped(pos + (long) i * c, arr, base + i * c, hashes[i], true)) {
                         done[i] = true;
                         continue;
