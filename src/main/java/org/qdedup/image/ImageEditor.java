@@ -57,7 +57,7 @@ final class ImageEditor implements Closeable {
         if ((h0.autoclearFeatures() & INDEX_BIT) == 0) {
             return inner;
         }
-        return new BlockFile() {
+        return new org.qdedup.io.ForwardingBlockFile(inner) {
             private boolean cleared;
 
             private void clear() throws IOException {
@@ -68,29 +68,9 @@ final class ImageEditor implements Closeable {
             }
 
             @Override
-            public String name() {
-                return inner.name();
-            }
-
-            @Override
-            public long size() throws IOException {
-                return inner.size();
-            }
-
-            @Override
-            public int read(java.nio.ByteBuffer dst, long pos) throws IOException {
-                return inner.read(dst, pos);
-            }
-
-            @Override
             public void write(java.nio.ByteBuffer src, long pos) throws IOException {
                 clear();
                 inner.write(src, pos);
-            }
-
-            @Override
-            public void flush() throws IOException {
-                inner.flush();
             }
 
             @Override
@@ -103,36 +83,6 @@ final class ImageEditor implements Closeable {
             public boolean punchHole(long offset, long length) throws IOException {
                 clear();
                 return inner.punchHole(offset, length);
-            }
-
-            @Override
-            public long nextData(long pos) throws IOException {
-                return inner.nextData(pos);
-            }
-
-            @Override
-            public long nextHole(long pos) throws IOException {
-                return inner.nextHole(pos);
-            }
-
-            @Override
-            public long allocatedBytes() throws IOException {
-                return inner.allocatedBytes();
-            }
-
-            @Override
-            public org.qdedup.io.FileStamp stamp() throws IOException {
-                return inner.stamp();
-            }
-
-            @Override
-            public Path location() {
-                return inner.location();
-            }
-
-            @Override
-            public void close() throws IOException {
-                inner.close();
             }
         };
     }

@@ -2,7 +2,6 @@ package org.qdedup.io;
 
 import java.io.IOException;
 import java.nio.ByteBuffer;
-import java.nio.file.Path;
 import java.util.ArrayList;
 import java.util.EnumSet;
 import java.util.List;
@@ -14,7 +13,7 @@ import java.util.Set;
  * transient EIO) or persistently until {@link #lift()} (a full disk). A failing call changes nothing in the file
  * below. For the H2-style fault tests: count the calls of a workload, then fail each one in turn.
  */
-public final class FaultyFile implements BlockFile {
+public final class FaultyFile extends ForwardingBlockFile {
     /** The operations that can fail. */
     public enum Op { WRITE, FLUSH, TRUNCATE, PUNCH_HOLE }
 
@@ -29,7 +28,6 @@ public final class FaultyFile implements BlockFile {
         }
     }
 
-    private final BlockFile inner;
     private final List<Op> trace = new ArrayList<>();
     private long failAt = -1;
     private Set<Op> kinds = EnumSet.noneOf(Op.class);
@@ -43,7 +41,7 @@ public final class FaultyFile implements BlockFile {
     private long firstFailedPos;
 
     public FaultyFile(BlockFile inner) {
-        this.inner = inner;
+        super(inner);
     }
 
     /**
@@ -137,21 +135,6 @@ public final class FaultyFile implements BlockFile {
     }
 
     @Override
-    public String name() {
-        return inner.name();
-    }
-
-    @Override
-    public long size() throws IOException {
-        return inner.size();
-    }
-
-    @Override
-    public int read(ByteBuffer dst, long pos) throws IOException {
-        return inner.read(dst, pos);
-    }
-
-    @Override
     public void write(ByteBuffer src, long pos) throws IOException {
         maybeFail(Op.WRITE, pos, true);
         inner.write(src, pos);
@@ -174,35 +157,5 @@ public final class FaultyFile implements BlockFile {
     public boolean punchHole(long offset, long length) throws IOException {
         maybeFail(Op.PUNCH_HOLE, offset, true);
         return inner.punchHole(offset, length);
-    }
-
-    @Override
-    public long nextData(long pos) throws IOException {
-        return inner.nextData(pos);
-    }
-
-    @Override
-    public long nextHole(long pos) throws IOException {
-        return inner.nextHole(pos);
-    }
-
-    @Override
-    public long allocatedBytes() throws IOException {
-        return inner.allocatedBytes();
-    }
-
-    @Override
-    public FileStamp stamp() throws IOException {
-        return inner.stamp();
-    }
-
-    @Override
-    public Path location() {
-        return inner.location();
-    }
-
-    @Override
-    public void close() throws IOException {
-        inner.close();
     }
 }
