@@ -118,6 +118,17 @@ class BadInputTest {
         expectOpenError(max, "l1_size", "offset 36", "found 4294967295");
     }
 
+    /**
+     * Found by ImageFuzzTest: a size near 2^63 overflowed the "L1 entries the size needs" sum, passed as an image of
+     * 8 EiB against an L1 table of 8 entries, and map and convert then walked it without end.
+     */
+    @Test
+    void sizeNearTwoToThe63NeedsItsL1Table() throws Exception {
+        Path img = base("sizemax.qcow2");
+        put64(img, 24, Long.MAX_VALUE);
+        expectOpenError(img, "l1_size", "offset 36", "found 8");
+    }
+
     @Test
     void l1TableUnaligned() throws Exception {
         Path img = base("l1unaligned.qcow2");

@@ -401,7 +401,7 @@ public record Header(
 
         long l2Entries = clusterSize / ((incompat & Features.INCOMPAT_EXTL2) != 0 ? 16 : 8);
         long bytesPerL1 = l2Entries * clusterSize;
-        long neededL1 = size == 0 ? 0 : (size + bytesPerL1 - 1) / bytesPerL1;
+        long neededL1 = size == 0 ? 0 : (size - 1) / bytesPerL1 + 1; // rounded up without overflow near 2^63
         if (l1Size * 8 > MAX_L1_BYTES) {
             throw FormatException.at(file, "qcow2 header l1_size", 36, "at most " + (MAX_L1_BYTES / 8) + " entries", Long.toString(l1Size));
         }
