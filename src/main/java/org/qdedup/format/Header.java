@@ -359,12 +359,13 @@ public record Header(
         while (pos + 8 <= extEnd) {
             long type = Be.u32(cluster, pos);
             long len = Be.u32(cluster, pos + 4);
-            if (type == HeaderExtension.END) {
-                break;
-            }
+            // The length is checked first, the end marker's too, as QEMU does ("Header extension too large").
             if (len > extEnd - pos - 8) {
                 throw FormatException.at(file, String.format("qcow2 header extension 0x%08x length", type), pos + 4,
                         "at most " + (extEnd - pos - 8), Long.toString(len));
+            }
+            if (type == HeaderExtension.END) {
+                break;
             }
             exts.add(new HeaderExtension(type, Arrays.copyOfRange(cluster, pos + 8, pos + 8 + (int) len)));
             pos += 8 + (int) ((len + 7) & ~7L);
