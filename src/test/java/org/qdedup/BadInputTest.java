@@ -118,6 +118,17 @@ class BadInputTest {
         expectOpenError(max, "l1_size", "offset 36", "found 4294967295");
     }
 
+    /**
+     * Found by ImageFuzzTest: a size near 2^63 overflowed the "L1 entries the size needs" sum, passed as an image of
+     * 8 EiB against an L1 table of 8 entries, and map and convert then walked it without end.
+     */
+    @Test
+    void sizeNearTwoToThe63NeedsItsL1Table() throws Exception {
+        Path img = base("sizemax.qcow2");
+        put64(img, 24, Long.MAX_VALUE);
+        expectOpenError(img, "l1_size", "offset 36", "found 8");
+    }
+
     @Test
     void l1TableUnaligned() throws Exception {
         Path img = base("l1unaligned.qcow2");
@@ -301,6 +312,30 @@ class BadInputTest {
         long xl2 = u64(ext, u64(ext, 40)) & L1_OFFSET_MASK;
         put64(ext, xl2, u64(ext, xl2) + 16384);
         expectReadError(ext, true, "L2 entry at offset " + xl2, "cluster-aligned host offset");
+    }
+
+    /** Found by ImageFuzzTest (qemu-img calls it corruption, we read zeros): the zero flag in a version 2 image. */
+    @Test
+    void zeroFlagInVersion2Image() throws Exception {
+        Path img = dir.resolve("v2zero.qcow2");
+        Qemu.img(dir, "create", "-f", "qcow2", "-o", "compat=0.10", img.toString(), "16M");
+        Qemu.io(dir, "qcow2", img.toString(), List.of("write -P 0x11 0 64k"));
+        keepTwin(img);
+        long l2 = u64(img, u64(img, 40)) & L1_OFFSET_MASK;
+        put64(img, l2, u64(img, l2) | 1);
+        expectReadError(img, true, "L2 entry at offset " + l2, "zero flag in a version 2 image");
+    }
+
+    /** Found by ImageFuzzTest (qemu-img refused, we read): the end-of-extensions marker's length is checked too. */
+    @Test
+    void endOfExtensionsMarkerWithALength() throws Exception {
+        Path img = base("endlen.qcow2");
+        long end = u32(img, 100);
+        while (u32(img, end) != 0) {
+            end += 8 + ((u32(img, end + 4) + 7) & ~7L);
+        }
+        put32(img, end + 4, 0x20000);
+        expectOpenError(img, "extension 0x00000000 length", "offset " + (end + 4), "found 131072");
     }
 
     @Test

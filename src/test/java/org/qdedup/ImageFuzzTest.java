@@ -23,6 +23,7 @@ import org.junit.jupiter.api.BeforeAll;
 import org.junit.jupiter.api.Tag;
 import org.junit.jupiter.api.Test;
 import org.junit.jupiter.api.io.TempDir;
+import org.qdedup.cli.Main;
 import org.qdedup.dedup.DedupSidecar;
 import org.qdedup.format.FormatException;
 import org.qdedup.image.BlockDevice;
@@ -351,7 +352,7 @@ class ImageFuzzTest {
         }
         boolean oneLine = c.rc() == 1 && c.err().startsWith("qdedup: ") && c.err().indexOf('\n') == c.err().length() - 1;
         if (!oneLine || crashed(c.err())) {
-            broken.add(what + ": exit " + c.rc() + ": " + firstLines(c.err()) + again(c));
+            broken.add(what + ": exit " + c.rc() + ": " + firstLines(c.err()) + trace(c));
         }
     }
 
@@ -361,17 +362,15 @@ class ImageFuzzTest {
                 || err.contains("\tat ");
     }
 
-    /** The same command run again with stack traces on (-Dqdedup.debug), for the report of an escaped exception. */
-    private static String again(FormatMatrixTest.Run c) {
-        if (!c.err().contains("internal error")) {
+    /** The stack trace of an escaped exception (the CLI prints one line), for the report. */
+    private static String trace(FormatMatrixTest.Run c) {
+        Throwable t = Main.lastInternalError();
+        if (!c.err().contains("internal error") || t == null) {
             return "";
         }
-        System.setProperty("qdedup.debug", "true");
-        try {
-            return " | again: " + cli(c.args().toArray(String[]::new)).err().replace("\n", " | ");
-        } finally {
-            System.clearProperty("qdedup.debug");
-        }
+        java.io.StringWriter w = new java.io.StringWriter();
+        t.printStackTrace(new java.io.PrintWriter(w));
+        return " | trace: " + w.toString().replace("\n", " | ");
     }
 
     /** The first line, or all of it with a stack trace (QDEDUP_DEBUG=1 in the environment makes the CLI print them). */

@@ -50,8 +50,13 @@ public final class Main implements Runnable {
             ew.flush();
             return 1;
         });
+        LAST_INTERNAL_ERROR.remove();
         cl.setExecutionExceptionHandler((ex, c, parsed) -> {
-            ew.println("qdedup: " + describe(ex));
+            String line = describe(ex);
+            if (line.startsWith("internal error")) {
+                LAST_INTERNAL_ERROR.set(ex);
+            }
+            ew.println("qdedup: " + line);
             ew.flush();
             if (System.getenv("QDEDUP_DEBUG") != null || Boolean.getBoolean("qdedup.debug")) {
                 ex.printStackTrace(err);
@@ -88,6 +93,13 @@ public final class Main implements Runnable {
         for (Class<?> c : COMMANDS) {
             cl.addSubcommand(c);
         }
+    }
+
+    private static final ThreadLocal<Throwable> LAST_INTERNAL_ERROR = new ThreadLocal<>();
+
+    /** The exception behind this thread's last "internal error" line of {@link #run}, or null (for test reports). */
+    public static Throwable lastInternalError() {
+        return LAST_INTERNAL_ERROR.get();
     }
 
     /** One line for an error: our own messages already name the file; others get their type. */

@@ -50,6 +50,6 @@ public record Geometry(int clusterBits, boolean extendedL2) {
 
     /** L1 entries needed for a virtual size. */
     public long l1EntriesFor(long size) {
-        return (size + bytesPerL2() - 1) / bytesPerL2();
+        return size <= 0 ? 0 : (size - 1) / bytesPerL2() + 1;
     }
 }

@@ -359,12 +359,13 @@ public record Header(
         while (pos + 8 <= extEnd) {
             long type = Be.u32(cluster, pos);
             long len = Be.u32(cluster, pos + 4);
-            if (type == HeaderExtension.END) {
-                break;
-            }
+            // The length is checked first, the end marker's too, as QEMU does ("Header extension too large").
             if (len > extEnd - pos - 8) {
                 throw FormatException.at(file, String.format("qcow2 header extension 0x%08x length", type), pos + 4,
                         "at most " + (extEnd - pos - 8), Long.toString(len));
+            }
+            if (type == HeaderExtension.END) {
+                break;
             }
             exts.add(new HeaderExtension(type, Arrays.copyOfRange(cluster, pos + 8, pos + 8 + (int) len)));
             pos += 8 + (int) ((len + 7) & ~7L);
@@ -401,7 +402,7 @@ public record Header(
 
         long l2Entries = clusterSize / ((incompat & Features.INCOMPAT_EXTL2) != 0 ? 16 : 8);
         long bytesPerL1 = l2Entries * clusterSize;
-        long neededL1 = size == 0 ? 0 : (size + bytesPerL1 - 1) / bytesPerL1;
+        long neededL1 = size == 0 ? 0 : (size - 1) / bytesPerL1 + 1; // rounded up without overflow near 2^63
         if (l1Size * 8 > MAX_L1_BYTES) {
             throw FormatException.at(file, "qcow2 header l1_size", 36, "at most " + (MAX_L1_BYTES / 8) + " entries", Long.toString(l1Size));
         }

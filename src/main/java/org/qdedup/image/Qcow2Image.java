@@ -203,6 +203,10 @@ public final class Qcow2Image implements WritableDevice {
                     + "cluster-aligned host offset, found 0x%x", l2Offset + (long) idx * geo.l2EntrySize(),
                     geo.clusterStart(guest), L2Entry.hostOffset(entry)));
         }
+        if ((t == SubclusterType.ZERO_PLAIN || t == SubclusterType.ZERO_ALLOC) && header.version() < 3) {
+            throw FormatException.of(name(), String.format("L2 entry at offset %d (guest offset %d): zero flag in a "
+                    + "version 2 image (a reserved bit there)", l2Offset + (long) idx * geo.l2EntrySize(), geo.clusterStart(guest)));
+        }
         if (t == SubclusterType.INVALID) {
             throw FormatException.of(name(), String.format("extended L2 entry at offset %d (guest offset %d): "
                     + "invalid subcluster bitmap 0x%016x", l2Offset + (long) idx * geo.l2EntrySize(), geo.clusterStart(guest), bitmap));
