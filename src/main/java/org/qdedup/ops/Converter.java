@@ -109,7 +109,7 @@ public final class Converter {
     static final int CHUNK = 2 << 20;
     /** Zero-detection granularity, qemu-img's default -S 4k. */
     static final int SPARSE = 4096;
-    private static final ByteBuffer ZEROS = Buffers.direct(SPARSE);
+    private static final java.lang.foreign.MemorySegment ZERO_SEGMENT = java.lang.foreign.MemorySegment.ofArray(new byte[SPARSE]);
 
     private Converter() {
     }
@@ -163,10 +163,11 @@ public final class Converter {
         }
         int n = buf.limit();
         int g = target.granularity();
+        java.lang.foreign.MemorySegment seg = java.lang.foreign.MemorySegment.ofBuffer(buf.duplicate().position(0));
         int runStart = -1;
         for (int off = 0; off < n; off += g) {
             int blk = Math.min(g, n - off);
-            boolean zero = isZero(buf.slice(off, blk));
+            boolean zero = isZero(seg, off, blk);
             if (!zero && runStart < 0) {
                 runStart = off;
             } else if (zero && runStart >= 0) {
@@ -179,10 +180,11 @@ public final class Converter {
         }
     }
 
-    private static boolean isZero(ByteBuffer b) {
-        for (int off = 0; off < b.limit(); off += SPARSE) {
-            int n = Math.min(SPARSE, b.limit() - off);
-            if (b.slice(off, n).mismatch(ZEROS.slice(0, n)) >= 0) {
+    /** Whether {@code seg[off, off + len)} is all zeros, compared 4 KiB at a time against a zero block. */
+    private static boolean isZero(java.lang.foreign.MemorySegment seg, int off, int len) {
+        for (int o = off; o < off + len; o += SPARSE) {
+            int n = Math.min(SPARSE, off + len - o);
+            if (java.lang.foreign.MemorySegment.mismatch(seg, o, o + n, ZERO_SEGMENT, 0, n) >= 0) {
                 return false;
             }
         }
