@@ -56,10 +56,6 @@ public final class Deduplicator {
         return index;
     }
 
-    public static byte[] sha256(byte[] data, int off, int len) {
-        return Sha256.of(data, off, len);
-    }
-
     /**
      * Whether one more reference to the cluster leaves room for {@code headroom} snapshots: a snapshot adds one
      * reference per entry, so k references need k * (1 + headroom) to fit the refcount width. With one snapshot

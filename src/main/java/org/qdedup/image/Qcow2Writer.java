@@ -253,7 +253,7 @@ public final class Qcow2Writer {
                     err[0] = e;
                     return;
                 }
-                if (DedupIndex.fragment(Deduplicator.sha256(buf, 0, buf.length)) != frag) {
+                if (DedupIndex.fragment(org.qdedup.dedup.Sha256.of(buf, 0, buf.length)) != frag) {
                     stale[0]++;
                 }
             });
@@ -637,7 +637,7 @@ public final class Qcow2Writer {
                     throw new java.io.UncheckedIOException(e);
                 }
                 for (int k = 0; k < len; k++) {
-                    frags[order[r[0] + k]] = DedupIndex.fragment(Deduplicator.sha256(buf, (int) (k * cs), (int) cs));
+                    frags[order[r[0] + k]] = DedupIndex.fragment(org.qdedup.dedup.Sha256.of(buf, (int) (k * cs), (int) cs));
                 }
                 progress.accept(done.addAndGet(buf.length));
             });
@@ -939,7 +939,7 @@ public final class Qcow2Writer {
         // Hash before taking the lock, so the cores hash while another write holds it.
         byte[][] hashes = new byte[n][];
         for (int i = 0; i < n; i++) {
-            hashes[i] = Deduplicator.sha256(arr, base + i * c, c);
+            hashes[i] = org.qdedup.dedup.Sha256.of(arr, base + i * c, c);
         }
         // Three steps: (1) under the metadata lock, each cluster is deduped, zeroed or rewritten in place, and the
         // ones that need new space get it (refcount 1, in the cache); (2) their data is written without the lock,
@@ -1107,7 +1107,7 @@ public final class Qcow2Writer {
                 long avail = Math.min(cs, img.size() - cstart);
                 img.readLocked(ByteBuffer.wrap(full, 0, (int) avail), cstart);
                 data.duplicate().get(full, inC, data.remaining());
-                byte[] sha = Deduplicator.sha256(full, 0, (int) cs);
+                byte[] sha = org.qdedup.dedup.Sha256.of(full, 0, (int) cs);
                 if (!writeDeduped(cstart, full, 0, sha, false)) {
                     long host = allocateData(1);
                     guardData(host, cs);

@@ -75,7 +75,7 @@ public final class Estimate {
                             myZeros[k]++;
                             continue;
                         }
-                        ByteBuffer sha = ByteBuffer.wrap(Deduplicator.sha256(arr, c * cs, cs));
+                        ByteBuffer sha = ByteBuffer.wrap(org.qdedup.dedup.Sha256.of(arr, c * cs, cs));
                         hs[m++] = sha.getLong(0);
                         hs[m++] = sha.getLong(8);
                     }

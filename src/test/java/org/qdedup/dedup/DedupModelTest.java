@@ -132,7 +132,7 @@ class DedupModelTest {
                 zero &= b == 0;
             }
             if (!zero) {
-                distinct.add(Arrays.toString(Deduplicator.sha256(part, 0, part.length)));
+                distinct.add(Arrays.toString(Sha256.of(part, 0, part.length)));
             }
         }
         Set<Long> hosts = new HashSet<>();
@@ -239,7 +239,7 @@ class DedupModelTest {
         byte[] a = null, b = null;
         for (long v = 0; a == null; v++) {
             byte[] c = cluster(v);
-            Long prev = seen.putIfAbsent(DedupIndex.fragment(Deduplicator.sha256(c, 0, c.length)), v);
+            Long prev = seen.putIfAbsent(DedupIndex.fragment(Sha256.of(c, 0, c.length)), v);
             if (prev != null) {
                 a = cluster(prev);
                 b = c;
