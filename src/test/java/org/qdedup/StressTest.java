@@ -100,7 +100,7 @@ class StressTest {
                 assertThat(t.isAlive()).as("%s still waiting for a reply 2 minutes after the end: a hang", t.getName()).isFalse();
             }
             if (failure.get() != null) {
-                throw new AssertionError("a client failed", failure.get());
+                throw new AssertionError("a client failed: " + failure.get(), failure.get());
             }
             assertThat(fio.waitFor(120, TimeUnit.SECONDS)).as("fio ends").isTrue();
             assertThat(fio.exitValue()).as("fio: %s", Files.readString(dir.resolve("fio.log"))).isZero();
@@ -135,6 +135,7 @@ class StressTest {
     private static void client(int id, Path sock, long deadline, Random r, byte[][] pool, byte[] mine,
             List<Set<Long>> shared, Counts counts) throws Exception {
         long base = id * PRIVATE;
+        java.util.ArrayDeque<long[]> history = new java.util.ArrayDeque<>(); // recent private ops: {op, off, len, t}
         try (NbdServeTest.RawClient c = new NbdServeTest.RawClient(sock)) {
             while (System.nanoTime() < deadline) {
                 int op = r.nextInt(20);
@@ -180,22 +181,78 @@ class StressTest {
                     data = Arrays.copyOf(data, len);
                     expectOk(c, WRITE, 0, base + off, len, data, "private write");
                     System.arraycopy(data, 0, mine, (int) off, len);
+                    remember(history, WRITE, off, len);
                     counts.bytesWritten.addAndGet(len);
                 } else if (op < 13) {
                     expectOk(c, op == 11 ? TRIM : WRITE_ZEROES, op == 12 && r.nextBoolean() ? NO_HOLE : 0, base + off, len,
                             null, "private trim/zero");
                     Arrays.fill(mine, (int) off, (int) off + len, (byte) 0);
+                    remember(history, op == 11 ? TRIM : WRITE_ZEROES, off, len);
                 } else if (op < 14) {
                     expectOk(c, FLUSH, 0, 0, 0, null, "flush");
+                    remember(history, FLUSH, 0, 0);
                 } else {
                     expectOk(c, READ, 0, base + off, len, null, "private read");
                     byte[] got = c.read(len).array();
                     int bad = Arrays.mismatch(got, 0, len, mine, (int) off, (int) off + len);
-                    assertThat(bad).as("client %d: private read at %d+%d, first wrong byte", id, off, len).isEqualTo(-1);
+                    assertThat(bad).as("client %d: private read at %d+%d, first wrong byte %d%s", id, off, len, bad,
+                            bad < 0 ? "" : explain(got, bad, off, mine, pool, history)).isEqualTo(-1);
                     counts.reads.incrementAndGet();
                 }
             }
         }
+    }
+
+    private static void remember(java.util.ArrayDeque<long[]> history, int op, long off, long len) {
+        if (history.size() == 400) {
+            history.removeFirst();
+        }
+        history.addLast(new long[]{op, off, len, System.nanoTime()});
+    }
+
+    /** What a wrong private read got and should have got in the cluster of its first wrong byte, and its history. */
+    private static String explain(byte[] got, int bad, long off, byte[] mine, byte[][] pool, java.util.ArrayDeque<long[]> history) {
+        long abs = off + bad;
+        long cl = abs / CS;
+        int wrongInCluster = 0;
+        for (long b = cl * CS; b < Math.min((cl + 1) * CS, off + got.length); b++) {
+            if (b >= off && got[(int) (b - off)] != mine[(int) b]) {
+                wrongInCluster++;
+            }
+        }
+        StringBuilder sb = new StringBuilder(String.format("; cluster %d of the region (%d wrong bytes of it in the read)", cl, wrongInCluster));
+        if (cl * CS >= off && (cl + 1) * CS <= off + got.length) {
+            sb.append("; got ").append(identify(got, (int) (cl * CS - off), pool));
+        }
+        sb.append("; expected ").append(identify(mine, (int) (cl * CS), pool)).append("; ops on it, oldest first:");
+        long now = System.nanoTime();
+        for (long[] h : history) {
+            if (h[0] == FLUSH || (h[1] < (cl + 1) * CS && h[1] + h[2] > cl * CS)) {
+                sb.append(h[0] == FLUSH ? String.format(" flush (%d ms ago)", (now - h[3]) / 1_000_000)
+                        : String.format(" %s %d+%d (%d ms ago)", h[0] == WRITE ? "write" : h[0] == TRIM ? "trim" : "zero",
+                                h[1], h[2], (now - h[3]) / 1_000_000));
+            }
+        }
+        return sb.toString();
+    }
+
+    private static String identify(byte[] b, int at, byte[][] pool) {
+        if (Arrays.equals(b, at, at + CS, new byte[CS], 0, CS)) {
+            return "zeros";
+        }
+        for (int k = 0; k < pool.length; k++) {
+            if (Arrays.equals(b, at, at + CS, pool[k], 0, CS)) {
+                return "pool cluster " + k;
+            }
+        }
+        for (int k = 0; k < pool.length; k++) {
+            for (int s = 512; s < CS; s += 512) {
+                if (Arrays.equals(b, at, at + CS - s, pool[k], s, CS) || Arrays.equals(b, at + s, at + CS, pool[k], 0, CS - s)) {
+                    return "pool cluster " + k + " shifted by " + s;
+                }
+            }
+        }
+        return "other content (key " + Long.toHexString(key(b, at)) + ")";
     }
 
     /** {@code n} clusters, nine in ten from the pool (duplicates), the others random. */

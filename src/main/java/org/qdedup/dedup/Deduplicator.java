@@ -169,9 +169,17 @@ public final class Deduplicator {
         return o >= 0 ? Set.of(o) : Set.of();
     }
 
-    /** Sharing of a cluster ended (refcount 1): forget its sharer set. */
-    public void unshared(long cluster) {
+    /**
+     * Sharing of a cluster ended (refcount 1): its sharer set goes and the one guest cluster still using it, if
+     * known, becomes its owner, so that the next share finds that entry again and takes its COPIED away.
+     */
+    public void unshared(long cluster, long remainingUser) {
         sharers.remove(cluster);
+        if (remainingUser >= 0) {
+            ownedBy(cluster, remainingUser);
+        } else if (cluster < owner.length) {
+            owner[(int) cluster] = 0;
+        }
     }
 
     /** The refcount layer freed a cluster: forget it, by physical cluster, without reading data back. */

@@ -774,29 +774,36 @@ public final class Qcow2Writer {
         return java.util.Arrays.mismatch(b, off, off + (int) cs, zeroCluster, 0, (int) cs) < 0; // vectorised compare
     }
 
-    /** Sets or clears COPIED on the active entry of a guest cluster, if it (still) points at {@code cluster}. */
-    private void setCopied(long guestCluster, long cluster, boolean on) throws IOException {
+    /**
+     * Sets or clears COPIED on the active entry of a guest cluster, if it (still) points at {@code cluster}; returns
+     * whether it does.
+     */
+    private boolean setCopied(long guestCluster, long cluster, boolean on) throws IOException {
         long pos = guestCluster * cs;
         int l1i = geo.l1Index(pos);
         if (l1i >= img.l1.length) {
-            return;
+            return false;
         }
         long l1e = img.l1[l1i];
         long l2 = l1e & L2Entry.L1_OFFSET_MASK;
-        if (l2 == 0 || (l1e & L2Entry.COPIED) == 0) {
-            return; // a table shared with a snapshot: its entries never carry COPIED for shared clusters
+        if (l2 == 0) {
+            return false;
         }
         long[] t = img.l2Table(l2, l1i);
         int k = geo.l2Index(pos) * step();
         long e = t[k];
         if (L2Entry.isCompressed(e) || ownedHost(e) != cluster * cs) {
-            return;
+            return false;
+        }
+        if ((l1e & L2Entry.COPIED) == 0) {
+            return true; // a table shared with a snapshot: its entries never carry COPIED for shared clusters
         }
         long ne = on ? e | L2Entry.COPIED : e & ~L2Entry.COPIED;
         if (ne != e) {
             t[k] = ne;
             img.l2Cache.markDirty(l2);
         }
+        return true;
     }
 
     /** Dedup counters (null when dedup is off). */
@@ -1475,10 +1482,13 @@ public final class Qcow2Writer {
                     // Sharing ended: the one remaining active entry gets COPIED again (refcount is 1 on disk now).
                     for (long c : copiedFixes) {
                         if (rc.get(c) == 1) {
+                            long remaining = -1;
                             for (long u : dedup.users(c)) {
-                                setCopied(u, c, true);
+                                if (setCopied(u, c, true)) {
+                                    remaining = u;
+                                }
                             }
-                            dedup.unshared(c);
+                            dedup.unshared(c, remaining);
                         }
                     }
                     copiedFixes.clear();
