@@ -276,7 +276,6 @@ class CrashTest {
      * its old content or its new one, never a cluster whose data was not written yet.
      */
     @org.junit.jupiter.api.Test
-    @org.junit.jupiter.api.Disabled("the dedup data write holds the metadata lock again (see Qcow2Writer.writeFullClustersDeduped)")
     void aFlushWhileNewDedupDataIsWrittenLeavesALeakAtWorst() throws Exception {
         long cs = 4096;
         PowerCutFile pc = new PowerCutFile(dir.resolve("race.qcow2").toString(),

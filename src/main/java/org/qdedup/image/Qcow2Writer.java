@@ -913,18 +913,6 @@ public final class Qcow2Writer {
     }
 
     private void writeFullClustersDeduped(long pos, ByteBuffer data, int n) throws IOException {
-        // The data write below holds the metadata lock again (the steps nest inside this hold): with it released, the
-        // concurrency stress test saw a wrong private read once under load, not yet explained; the measured gain of
-        // releasing it was within noise.
-        img.meta.lock();
-        try {
-            writeFullClustersDedupedInSteps(pos, data, n);
-        } finally {
-            img.meta.unlock();
-        }
-    }
-
-    private void writeFullClustersDedupedInSteps(long pos, ByteBuffer data, int n) throws IOException {
         int c = (int) cs;
         int total = n * c;
         byte[] arr;
