@@ -317,6 +317,52 @@ class NbdServeTest {
         assertThat(hostClusters(img, 4096)).as("one pattern cluster for 16 MiB written by three clients").isEqualTo(1);
     }
 
+    /**
+     * A client that sends big READs and never takes the replies: the threads sending to it block (with the I/O gate
+     * held while sendfile runs); another client still writes, discards, flushes (its frees wait at most a moment for
+     * the gate, then for a later flush) and reads, and the server stops cleanly once the stuck client goes.
+     */
+    @Test
+    void aClientThatStopsReadingItsRepliesStallsOnlyItself() throws Exception {
+        String img = dir.resolve("stuck.qcow2").toString();
+        assertThat(FormatMatrixTest.cli("create", "--dedup", img, "64M").rc()).isZero();
+        run("qemu-io", "-c", "write -P 0x21 0 32M", img);
+        Path sock = dir.resolve("stuck.sock");
+        try (Server s = new Server("--socket", sock.toString(), img)) {
+            RawClient stuck = new RawClient(sock);
+            for (int i = 0; i < 64; i++) {
+                stuck.request(0, (long) (i % 32) << 20, 1 << 20, null); // 64 MiB of replies nobody reads
+            }
+            Thread.sleep(1000);
+            java.util.concurrent.atomic.AtomicReference<Throwable> err = new java.util.concurrent.atomic.AtomicReference<>();
+            Thread other = Thread.ofPlatform().start(() -> {
+                try (RawClient c = new RawClient(sock)) {
+                    byte[] data = new byte[1 << 20];
+                    java.util.Arrays.fill(data, (byte) 0x5a);
+                    for (int round = 0; round < 3; round++) {
+                        c.request(1, 40L << 20, data.length, data);
+                        assertThat(c.replyError()).as("write").isZero();
+                        c.request(4, 0, 1 << 20, null); // trim: a cluster to free at the flush
+                        assertThat(c.replyError()).as("trim").isZero();
+                        c.request(3, 0, 0, null);
+                        assertThat(c.replyError()).as("flush").isZero();
+                        c.request(0, 40L << 20, 128 << 10, null);
+                        assertThat(c.replyError()).as("read").isZero();
+                        assertThat(c.read(128 << 10).array()).containsOnly((byte) 0x5a);
+                    }
+                } catch (Throwable t) {
+                    err.set(t);
+                }
+            });
+            other.join(TimeUnit.SECONDS.toMillis(60));
+            assertThat(other.isAlive()).as("the other client still waiting after 60 s: stalled by the stuck one").isFalse();
+            assertThat(err.get()).isNull();
+            stuck.close();
+            assertThat(s.stop()).isZero();
+        }
+        FormatMatrixTest.assertClean(dir, img);
+    }
+
     @Test
     void noDedupStoresCopiesAndKeepsTheIndexRightAndOneClientAtATime() throws Exception {
         String img = dir.resolve("nd.qcow2").toString();

@@ -19,6 +19,27 @@ public interface BlockDevice extends Closeable {
     /** Fills {@code dst.remaining()} bytes from guest offset {@code offset}; the range must lie within the size. */
     void read(ByteBuffer dst, long offset) throws IOException;
 
+    /** Takes the pieces of a guest read in order: host file ranges holding the bytes as they are, or buffers. */
+    interface ReadSink {
+        void file(BlockFile f, long pos, long len) throws IOException;
+
+        void bytes(ByteBuffer b) throws IOException;
+    }
+
+    /**
+     * Hands {@code len} guest bytes from {@code offset} to {@code sink}, in order: ranges of host files where the data
+     * lies as it is (for sending without a copy through user memory), buffers of {@code scratch} for the rest. The
+     * ranges stay what they were mapped to until this returns. By default all of it goes through {@code scratch}.
+     */
+    default void readTo(long offset, long len, ReadSink sink, ByteBuffer scratch) throws IOException {
+        for (long done = 0; done < len; ) {
+            int n = (int) Math.min(scratch.capacity(), len - done);
+            read(scratch.clear().limit(n), offset + done);
+            sink.bytes(scratch.flip());
+            done += n;
+        }
+    }
+
     /**
      * Allocation status of this layer alone (no backing walk) from {@code offset}, for at most {@code length}
      * bytes, as QEMU's driver block-status callback reports it.

@@ -271,6 +271,42 @@ public final class Qcow2Image implements WritableDevice {
         }
     }
 
+    /**
+     * Data clusters go to the sink as ranges of the data file; the I/O gate is held throughout, so no cluster
+     * mapped here is freed, reused or punched before the sink is done with it.
+     */
+    @Override
+    public void readTo(long offset, long len, ReadSink sink, ByteBuffer scratch) throws IOException {
+        if (offset < 0 || offset > size || len > size - offset) {
+            throw new IOException(name() + ": read of " + len + " bytes at " + offset + " past the virtual size " + size);
+        }
+        ioGate.readLock().lock();
+        try {
+            long pos = offset, end = offset + len;
+            while (pos < end) {
+                Mapping m;
+                meta.lock();
+                try {
+                    m = map(pos, end - pos);
+                } finally {
+                    meta.unlock();
+                }
+                long n = m.length();
+                if (m.type() == SubclusterType.NORMAL) {
+                    sink.file(dataFile, m.hostOffset(), n);
+                } else {
+                    n = Math.min(n, scratch.capacity());
+                    ByteBuffer part = scratch.clear().limit((int) n);
+                    readLocked(part, pos); // maps again: the same answer, the gate being held
+                    sink.bytes(part.flip());
+                }
+                pos += n;
+            }
+        } finally {
+            ioGate.readLock().unlock();
+        }
+    }
+
     /** Guest read for a caller holding {@link #ioGate}; maps under the metadata lock, transfers data outside it. */
     void readLocked(ByteBuffer dst, long offset) throws IOException {
         long pos = offset;

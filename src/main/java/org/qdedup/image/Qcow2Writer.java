@@ -1442,6 +1442,18 @@ public final class Qcow2Writer {
      * host file. Must not be called from inside a guest I/O.
      */
     public void flush() throws IOException {
+        flush(FREES_WAIT_MS);
+    }
+
+    /**
+     * How long a flush waits for reads in progress before it applies the frees (they need the I/O gate alone): a
+     * read may be sending to a client that does not take its data, and everyone else would wait with the flush.
+     * Past this the frees wait for a later flush; the flush itself is complete already.
+     */
+    private static final long FREES_WAIT_MS = 2000;
+
+    /** {@link #flush()}; waits at most {@code freesWaitMs} for the gate before frees (negative: as long as it takes). */
+    private void flush(long freesWaitMs) throws IOException {
         checkUsable();
         img.meta.lock();
         try {
@@ -1454,7 +1466,18 @@ public final class Qcow2Writer {
         if (!rc.hasDeferred()) {
             return;
         }
-        img.ioGate.writeLock().lock();
+        if (freesWaitMs < 0) {
+            img.ioGate.writeLock().lock();
+        } else {
+            try {
+                if (!img.ioGate.writeLock().tryLock(freesWaitMs, java.util.concurrent.TimeUnit.MILLISECONDS)) {
+                    return;
+                }
+            } catch (InterruptedException e) {
+                Thread.currentThread().interrupt();
+                return;
+            }
+        }
         try {
             img.meta.lock();
             try {
@@ -1597,7 +1620,7 @@ public final class Qcow2Writer {
     /** Flushes everything and, with lazy refcounts, marks the image clean again. */
     public void close() throws IOException {
         if (failed == null) {
-            flush();
+            flush(-1);
             Header h = header();
             boolean persist = dedup != null && dedupLoaded && headerPrepared && h.version() == 3 && file.location() != null;
             if ((h.dirty() && headerPrepared) || persist) {

@@ -35,6 +35,23 @@ public final class RawImage implements BlockDevice {
     }
 
     @Override
+    public void readTo(long offset, long len, ReadSink sink, ByteBuffer scratch) throws IOException {
+        long inFile = Math.max(0, Math.min(len, file.size() - offset));
+        if (inFile > 0) {
+            sink.file(file, offset, inFile);
+        }
+        for (long done = inFile; done < len; ) { // the tail up to a whole sector reads as zeros
+            int n = (int) Math.min(scratch.capacity(), len - done);
+            ByteBuffer z = scratch.clear().limit(n);
+            while (z.hasRemaining()) {
+                z.put((byte) 0);
+            }
+            sink.bytes(z.flip());
+            done += n;
+        }
+    }
+
+    @Override
     public LayerStatus status(long offset, long length) throws IOException {
         return FileStatus.of(file, offset, length, size);
     }

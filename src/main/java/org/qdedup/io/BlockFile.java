@@ -61,6 +61,26 @@ public interface BlockFile extends Closeable {
         return null;
     }
 
+    /**
+     * Sends {@code len} bytes at {@code pos} to {@code target} (all of them, blocking); a real file does it in the
+     * kernel without copying through user memory. Fails when the file ends first.
+     */
+    default void transferTo(long pos, long len, java.nio.channels.WritableByteChannel target) throws IOException {
+        ByteBuffer b = ByteBuffer.allocate((int) Math.min(len, 1 << 20));
+        for (long done = 0; done < len; ) {
+            int n = (int) Math.min(b.capacity(), len - done);
+            b.clear().limit(n);
+            if (read(b, pos + done) < n) {
+                throw new java.io.EOFException(name() + ": end of file at " + (pos + done) + " while sending " + len + " bytes from " + pos);
+            }
+            b.flip();
+            while (b.hasRemaining()) {
+                target.write(b);
+            }
+            done += n;
+        }
+    }
+
     /** Reads exactly {@code dst.remaining()} bytes, filling with zeros past end of file. */
     default void readFully(ByteBuffer dst, long pos) throws IOException {
         int want = dst.remaining();

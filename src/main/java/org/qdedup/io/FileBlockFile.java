@@ -173,6 +173,20 @@ public final class FileBlockFile implements BlockFile {
         }
     }
 
+    @Override
+    public void transferTo(long pos, long len, java.nio.channels.WritableByteChannel target) throws IOException {
+        for (long done = 0; done < len; ) {
+            long n = channel.transferTo(pos + done, len - done, target); // sendfile(2) to a socket
+            if (n <= 0) {
+                if (pos + done >= channel.size()) {
+                    throw new java.io.EOFException(name + ": end of file at " + (pos + done) + " while sending " + len + " bytes from " + pos);
+                }
+                continue;
+            }
+            done += n;
+        }
+    }
+
     private volatile long writeBehindBytes;
     private final java.util.concurrent.atomic.AtomicLong writtenSinceKick = new java.util.concurrent.atomic.AtomicLong();
 

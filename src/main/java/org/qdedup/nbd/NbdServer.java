@@ -59,15 +59,16 @@ public final class NbdServer implements AutoCloseable {
     private final ExecutorService threads = Executors.newThreadPerTaskExecutor(
             Thread.ofPlatform().daemon().name("nbd-conn-", 0).factory());
     /**
-     * The other requests run on a few platform threads: their per-thread I/O buffers (ours and the JDK's) are
+     * The other requests run on pooled platform threads: their per-thread I/O buffers (ours and the JDK's) are
      * reused from one request to the next, where a fresh virtual thread per request would allocate them every time.
+     * The pool grows as needed: a client that stops taking its replies blocks the threads sending to it (at most
+     * {@link #MAX_IN_FLIGHT}), never the ones other clients need.
      */
-    private final ExecutorService workers = Executors.newFixedThreadPool(WORKERS, r -> {
+    private final ExecutorService workers = Executors.newCachedThreadPool(r -> {
         Thread t = new Thread(r, "nbd-worker");
         t.setDaemon(true);
         return t;
     });
-    static final int WORKERS = 16;
     private final Semaphore clientSlots;
     private volatile boolean closing;
 
@@ -186,6 +187,9 @@ public final class NbdServer implements AutoCloseable {
         }
         return b.clear().limit(len);
     }
+
+    /** READs of at least this many bytes go from the file to the socket by sendfile; smaller ones are copied and gathered. */
+    static final int DIRECT_READ_MIN = Integer.getInteger("qdedup.nbd.directReadMin", 64 << 10);
 
     /** Bytes of requests read from the socket at once; WRITEs up to about this size run from it in place. */
     static final int IN_BUFFER = 1 << 20;
@@ -464,6 +468,8 @@ public final class NbdServer implements AutoCloseable {
                         reply(r, EOVERFLOW, "read of " + r.length() + " bytes is over the 32 MiB limit");
                     } else if (!rangeOk) {
                         reply(r, EINVAL, "read past the end of the export");
+                    } else if (r.length() >= DIRECT_READ_MIN) {
+                        replyReadDirect(r);
                     } else {
                         ByteBuffer data = readBuffer((int) r.length());
                         int err = 0;
@@ -556,6 +562,56 @@ public final class NbdServer implements AutoCloseable {
             }
             d.flip();
             send(structuredHeader(r.cookie(), REPLY_FLAG_DONE, REPLY_TYPE_BLOCK_STATUS, d.remaining()), d);
+        }
+
+        /**
+         * A READ reply whose data goes from the image file to the socket in the kernel (sendfile), not through a
+         * buffer of ours: one copy of the data fewer. The reply's header goes out with the first piece, so a read
+         * that fails at once still gets its error reply; one that fails after that can only end the connection.
+         */
+        private void replyReadDirect(Request r) throws IOException {
+            ByteBuffer header = structured
+                    ? ByteBuffer.allocate(28).put(structuredHeader(r.cookie(), REPLY_FLAG_DONE, REPLY_TYPE_OFFSET_DATA,
+                            (int) (8 + r.length()))).putLong(r.offset()).flip()
+                    : simpleReply(r.cookie(), 0);
+            boolean[] started = {false};
+            BlockDevice.ReadSink sink = new BlockDevice.ReadSink() {
+                private void start() throws IOException {
+                    if (!started[0]) {
+                        started[0] = true;
+                        if (out.position() > 0) {
+                            writeFully(ch, out.flip()); // replies gathered before this one go first
+                            out.clear();
+                        }
+                        gathered = 0;
+                        writeFully(ch, header);
+                    }
+                }
+
+                @Override
+                public void file(org.qdedup.io.BlockFile f, long pos, long len) throws IOException {
+                    start();
+                    f.transferTo(pos, len, ch);
+                }
+
+                @Override
+                public void bytes(ByteBuffer b) throws IOException {
+                    start();
+                    writeFully(ch, b);
+                }
+            };
+            replyLock.lock();
+            try {
+                image.readTo(r.offset(), r.length(), sink, readBuffer((int) Math.min(r.length(), 1 << 20)));
+                counters.reads.incrementAndGet();
+            } catch (IOException e) {
+                if (started[0]) {
+                    throw e; // part of the data is out: the client cannot tell where it stopped
+                }
+                reply(r, EIO, "read failed");
+            } finally {
+                replyLock.unlock();
+            }
         }
 
         private void replyData(Request r, ByteBuffer data) throws IOException {
