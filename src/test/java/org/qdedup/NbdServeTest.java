@@ -318,6 +318,37 @@ class NbdServeTest {
     }
 
     /**
+     * Big READs go from the file to the socket (sendfile) where the data lies as it is and through a buffer
+     * elsewhere: over a QEMU-made image with compressed clusters, zero clusters, unallocated parts falling through
+     * to a backing file and past its end, every 1 MiB read (simple replies) and qemu-img compare (structured replies)
+     * see what qemu-img convert sees.
+     */
+    @Test
+    void bigReadsAcrossDataZeroCompressedAndBackingPartsReadAsQemuReadsThem() throws Exception {
+        run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=64k", "base.qcow2", "3M");
+        run("qemu-io", "-c", "write -P 0x11 0 3M", "base.qcow2");
+        run("qemu-img", "create", "-f", "qcow2", "-o", "cluster_size=64k", "-b", "base.qcow2", "-F", "qcow2", "top.qcow2", "8M");
+        run("qemu-io", "-c", "write -P 0x22 64k 192k", "-c", "write -c -P 0x33 512k 128k", "-c", "write -z 1M 256k",
+                "-c", "write -P 0x44 1100k 7k", "-c", "write -c -P 0x55 3M 64k", "-c", "write -P 0x66 5M 1M", "top.qcow2");
+        run("qemu-img", "convert", "-O", "raw", "top.qcow2", "top.raw");
+        byte[] want = Files.readAllBytes(dir.resolve("top.raw"));
+        Path sock = dir.resolve("big.sock");
+        try (Server s = new Server("--socket", sock.toString(), "-r", "top.qcow2")) {
+            try (RawClient c = new RawClient(sock)) {
+                for (long off = 0; off + (1 << 20) <= want.length; off += 320 << 10) {
+                    c.request(0, off, 1 << 20, null);
+                    assertThat(c.replyError()).as("read at %d", off).isZero();
+                    byte[] got = c.read(1 << 20).array();
+                    assertThat(java.util.Arrays.mismatch(got, 0, got.length, want, (int) off, (int) off + got.length))
+                            .as("1 MiB read at %d: first wrong byte", off).isEqualTo(-1);
+                }
+            }
+            run("qemu-img", "compare", "-f", "raw", "top.raw", s.uri);
+            assertThat(s.stop()).isZero();
+        }
+    }
+
+    /**
      * A client that sends big READs and never takes the replies: the threads sending to it block (with the I/O gate
      * held while sendfile runs); another client still writes, discards, flushes (its frees wait at most a moment for
      * the gate, then for a later flush) and reads, and the server stops cleanly once the stuck client goes.
