@@ -260,9 +260,7 @@ public final class Qcow2Image implements WritableDevice {
 
     @Override
     public void read(ByteBuffer dst, long offset) throws IOException {
-        if (offset < 0 || offset > size || dst.remaining() > size - offset) {
-            throw new IOException(name() + ": read of " + dst.remaining() + " bytes at " + offset + " past the virtual size " + size);
-        }
+        checkReadRange(offset, dst.remaining());
         ioGate.readLock().lock();
         try {
             readLocked(dst, offset);
@@ -277,28 +275,20 @@ public final class Qcow2Image implements WritableDevice {
      */
     @Override
     public void readTo(long offset, long len, ReadSink sink, ByteBuffer scratch) throws IOException {
-        if (offset < 0 || offset > size || len > size - offset) {
-            throw new IOException(name() + ": read of " + len + " bytes at " + offset + " past the virtual size " + size);
-        }
+        checkReadRange(offset, len);
         ioGate.readLock().lock();
         try {
             long pos = offset, end = offset + len;
             while (pos < end) {
-                Mapping m;
-                meta.lock();
-                try {
-                    m = map(pos, end - pos);
-                } finally {
-                    meta.unlock();
-                }
+                Mapping m = mapLocked(pos, end - pos);
                 long n = m.length();
                 if (m.type() == SubclusterType.NORMAL) {
                     sink.file(dataFile, m.hostOffset(), n);
                 } else {
                     n = Math.min(n, scratch.capacity());
                     ByteBuffer part = scratch.clear().limit((int) n);
-                    readLocked(part, pos); // maps again: the same answer, the gate being held
-                    sink.bytes(part.flip());
+                    transfer(m, part, pos); // fills [0, n) whether or not it moves the position
+                    sink.bytes(part.position(0));
                 }
                 pos += n;
             }
@@ -307,28 +297,42 @@ public final class Qcow2Image implements WritableDevice {
         }
     }
 
+    private void checkReadRange(long offset, long len) throws IOException {
+        if (offset < 0 || offset > size || len > size - offset) {
+            throw new IOException(name() + ": read of " + len + " bytes at " + offset + " past the virtual size " + size);
+        }
+    }
+
+    /** {@link #map} under the metadata lock. */
+    private Mapping mapLocked(long pos, long maxLen) throws IOException {
+        meta.lock();
+        try {
+            return map(pos, maxLen);
+        } finally {
+            meta.unlock();
+        }
+    }
+
     /** Guest read for a caller holding {@link #ioGate}; maps under the metadata lock, transfers data outside it. */
     void readLocked(ByteBuffer dst, long offset) throws IOException {
         long pos = offset;
         while (dst.hasRemaining()) {
-            Mapping m;
-            meta.lock();
-            try {
-                m = map(pos, dst.remaining());
-            } finally {
-                meta.unlock();
-            }
+            Mapping m = mapLocked(pos, dst.remaining());
             int n = (int) m.length();
-            ByteBuffer part = dst.slice(dst.position(), n);
-            switch (m.type()) {
-                case NORMAL -> dataFile.readFully(part, m.hostOffset());
-                case ZERO_PLAIN, ZERO_ALLOC -> zero(part);
-                case UNALLOCATED_PLAIN, UNALLOCATED_ALLOC -> readBacking(part, pos);
-                case COMPRESSED -> readCompressed(part, pos, m.l2Entry());
-                default -> throw new IllegalStateException(m.type().toString());
-            }
+            transfer(m, dst.slice(dst.position(), n), pos);
             dst.position(dst.position() + n);
             pos += n;
+        }
+    }
+
+    /** Fills {@code part} (at most the mapping's length) with the guest bytes at {@code pos} that {@code m} maps. */
+    private void transfer(Mapping m, ByteBuffer part, long pos) throws IOException {
+        switch (m.type()) {
+            case NORMAL -> dataFile.readFully(part, m.hostOffset());
+            case ZERO_PLAIN, ZERO_ALLOC -> zero(part);
+            case UNALLOCATED_PLAIN, UNALLOCATED_ALLOC -> readBacking(part, pos);
+            case COMPRESSED -> readCompressed(part, pos, m.l2Entry());
+            default -> throw new IllegalStateException(m.type().toString());
         }
     }
 

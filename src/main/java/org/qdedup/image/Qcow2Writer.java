@@ -963,9 +963,9 @@ public final class Qcow2Writer {
                     // The same content earlier in this request, still waiting for its new cluster: share that one,
                     // also where this cluster could take the content in place (which would store it twice).
                     Integer pending = freshByHash == null ? null : freshByHash.get(ByteBuffer.wrap(hashes[i]));
-                    if (pending != null && sharing && java.util.Arrays.equals(arr, base + fresh[pending] * c,
-                            base + fresh[pending] * c + c, arr, base + i * c, base + i * c + c)
-                            && dedup.allows(2 + copiesOf(copiesOfFresh, pending))) {
+                    boolean same = pending != null && java.util.Arrays.equals(arr, base + fresh[pending] * c,
+                            base + fresh[pending] * c + c, arr, base + i * c, base + i * c + c);
+                    if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, pending))) {
                         copiesOfFresh.add(new int[]{i, pending});
                         continue;
                     }
@@ -978,21 +978,14 @@ public final class Qcow2Writer {
                         conflict = null;
                         break;
                     }
+                    if (same && dedup.allows(2)) {
+                        dedup.counters().ceilingHits++; // this copy is full: the next one starts a fresh target
+                    }
                     if (freshByHash == null) {
                         freshByHash = new java.util.HashMap<>();
                     }
-                    Integer k = freshByHash.get(ByteBuffer.wrap(hashes[i]));
-                    boolean same = k != null && java.util.Arrays.equals(arr, base + fresh[k] * c, base + fresh[k] * c + c,
-                            arr, base + i * c, base + i * c + c);
-                    if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, k))) {
-                        copiesOfFresh.add(new int[]{i, k});
-                    } else {
-                        if (same && dedup.allows(2)) {
-                            dedup.counters().ceilingHits++; // this copy is full: the next one starts a fresh target
-                        }
-                        freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
-                        fresh[nFresh++] = i;
-                    }
+                    freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
+                    fresh[nFresh++] = i;
                 }
                 if (other == null) {
                     if (nFresh == 0) {

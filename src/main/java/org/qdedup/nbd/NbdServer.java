@@ -579,11 +579,7 @@ public final class NbdServer implements AutoCloseable {
                 private void start() throws IOException {
                     if (!started[0]) {
                         started[0] = true;
-                        if (out.position() > 0) {
-                            writeFully(ch, out.flip()); // replies gathered before this one go first
-                            out.clear();
-                        }
-                        gathered = 0;
+                        writeGathered(); // replies gathered before this one go first
                         writeFully(ch, header);
                     }
                 }
