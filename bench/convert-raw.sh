@@ -139,13 +139,14 @@ for id in $IMAGES; do img_desc "$id" >/dev/null; make_img "$id"; done
 log "building qdedup (bin/qdedup --version)"
 "$QDEDUP" --version >/dev/null || die "bin/qdedup --version failed"
 
-# Freeze the build: run the same launcher from a copy holding only bin/, pom.xml and the jar, so an edit
+# Freeze the build: run the same launcher from a copy holding only bin/, pom.xml, the jar and target/lib, so an edit
 # under src/ during the benchmark can neither trigger a rebuild inside a timed run nor swap the jar.
 if [ "${SNAPSHOT:-1}" = 1 ] && [ -z "${QDEDUP_SET:-}" ]; then
   snap="$BENCH_DIR/snapshot"
   rm -rf "$snap"; mkdir -p "$snap/target"
   cp -p "$root/pom.xml" "$snap/"; cp -pr "$root/bin" "$snap/"
   cp -p "$root/target/qdedup.jar" "$snap/target/"
+  [ -d "$root/target/lib" ] && cp -pr "$root/target/lib" "$snap/target/"
   touch -r "$root/target/qdedup.jar" "$snap/target/qdedup.jar"
   QDEDUP="$snap/bin/qdedup"
   "$QDEDUP" --version >/dev/null || die "snapshot launcher $QDEDUP failed"

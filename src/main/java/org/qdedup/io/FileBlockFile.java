@@ -238,7 +238,11 @@ public final class FileBlockFile implements BlockFile {
     @Override
     public void flush() throws IOException {
         if (!syncDisabled) {
-            channel.force(true);
+            if (fd != null) {
+                fd.fsync();
+            } else {
+                channel.force(true);
+            }
         }
     }
 

@@ -30,7 +30,7 @@ public final class NativeFs {
     private static final long ST_BLOCKS_OFFSET = 64;
     private static final long STAT_SIZE = 256;
 
-    private static final MethodHandle OPEN, CLOSE, LSEEK, FSTAT, FALLOCATE, FCNTL, SYNC_FILE_RANGE;
+    private static final MethodHandle OPEN, CLOSE, LSEEK, FSTAT, FALLOCATE, FCNTL, SYNC_FILE_RANGE, FSYNC;
     private static final StructLayout CAPTURE = Linker.Option.captureStateLayout();
     private static final VarHandle ERRNO = CAPTURE.varHandle(MemoryLayout.PathElement.groupElement("errno"));
     private static final boolean AVAILABLE;
@@ -43,7 +43,8 @@ public final class NativeFs {
     private static final long FLOCK_SIZE = 32;
 
     static {
-        MethodHandle open = null, close = null, lseek = null, fstat = null, fallocate = null, fcntl = null, syncRange = null;
+        MethodHandle open = null, close = null, lseek = null, fstat = null, fallocate = null, fcntl = null, syncRange = null,
+                fsync = null;
         boolean ok = false;
         try {
             if (System.getProperty("os.name", "").toLowerCase().contains("linux")) {
@@ -68,6 +69,8 @@ public final class NativeFs {
                 syncRange = linker.downcallHandle(libc.find("sync_file_range").orElseThrow(),
                         FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_LONG,
                                 ValueLayout.JAVA_LONG, ValueLayout.JAVA_INT));
+                fsync = linker.downcallHandle(libc.find("fsync").orElseThrow(),
+                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT), errno);
                 ok = true;
             }
         } catch (Throwable t) {
@@ -80,6 +83,7 @@ public final class NativeFs {
         FALLOCATE = fallocate;
         FCNTL = fcntl;
         SYNC_FILE_RANGE = syncRange;
+        FSYNC = fsync;
         AVAILABLE = ok;
     }
 
@@ -181,6 +185,25 @@ public final class NativeFs {
                 int ignored = (int) SYNC_FILE_RANGE.invokeExact(fd, offset, length, SYNC_FILE_RANGE_WRITE);
             } catch (Throwable t) {
                 // a hint: the final fsync does the real work
+            }
+        }
+
+        /**
+         * fsync(2). The descriptor is the file's own open, so this flushes the same pages a FileChannel.force would
+         * and reports write-back errors met since the open; FileChannel.force would also load a JFR event class from
+         * the JDK's module image on its first call, a cold read at every command's start.
+         */
+        public void fsync() throws IOException {
+            int r, err;
+            try (Arena arena = Arena.ofConfined()) {
+                MemorySegment state = arena.allocate(CAPTURE);
+                r = (int) FSYNC.invokeExact(state, fd);
+                err = r == 0 ? 0 : (int) ERRNO.get(state, 0L);
+            } catch (Throwable t) {
+                throw new IOException(name + ": fsync failed: " + t, t);
+            }
+            if (r != 0) {
+                throw new IOException(name + ": fsync failed: errno " + err);
             }
         }
 
