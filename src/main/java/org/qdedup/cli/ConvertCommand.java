@@ -38,7 +38,7 @@ final class ConvertCommand implements Callable<Integer> {
     String cache = "unsafe";
 
     /** With a final flush, write-back starts after every this many bytes, so the disk works during the copy. */
-    private static final long WRITE_BEHIND = 32L << 20;
+    private static final long WRITE_BEHIND = Long.getLong("qdedup.writeBehind", 32L << 20);
     @Option(names = "-l", paramLabel = "snapshot.name=NAME", description = "Convert an internal snapshot of the source.")
     String snapshot;
     @Option(names = {"-U", "--force-share"}, description = "Open the source without taking its lock.")
@@ -60,8 +60,9 @@ final class ConvertCommand implements Callable<Integer> {
             } else {
                 target.truncate(source.size());
             }
-            if (!cache.equals("unsafe") && target instanceof FileBlockFile ff) {
-                ff.writeBehind(WRITE_BEHIND);
+            if (!cache.equals("unsafe")) {
+                target.writeBehind(WRITE_BEHIND);
+                target.directWritesWhenLarge();
             }
             Converter.copy(source, Converter.raw(target), !noCreate, p);
             if (!cache.equals("unsafe")) {
@@ -104,6 +105,7 @@ final class ConvertCommand implements Callable<Integer> {
                         ff.disableSync(true);
                     } else {
                         ff.writeBehind(WRITE_BEHIND);
+                        ff.directWritesWhenLarge();
                     }
                 }
             }
@@ -122,6 +124,18 @@ final class ConvertCommand implements Callable<Integer> {
             }
             Converter.copy(source, compress ? Converter.compressed(target) : Converter.image(target),
                     !noCreate && target.backing() == null, p);
+        }
+    }
+
+    /** Every file of the source chain reads its uncached bulk around the page cache: convert reads it once. */
+    private static void directReadsWhenUncached(BlockDevice source) {
+        for (BlockDevice d = source; d != null; d = d.backing()) {
+            if (d.file() instanceof FileBlockFile f) {
+                f.directReadsWhenUncached();
+            }
+            if (d instanceof Qcow2Image q && q.dataFile() instanceof FileBlockFile f) {
+                f.directReadsWhenUncached();
+            }
         }
     }
 
@@ -162,6 +176,7 @@ final class ConvertCommand implements Callable<Integer> {
             if (Files.exists(dp) && Files.isSameFile(dp, Path.of(src))) {
                 throw new CliException(dst + ": target is the source image");
             }
+            directReadsWhenUncached(source);
             Progress p = progress ? new Progress(Context.err(), source.size()) : Progress.none();
             if (outFormat.equals("raw")) {
                 toRaw(source, dp, p);

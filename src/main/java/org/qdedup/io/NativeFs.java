@@ -7,7 +7,6 @@ import java.lang.foreign.Linker;
 import java.lang.foreign.MemoryLayout;
 import java.lang.foreign.MemorySegment;
 import java.lang.foreign.StructLayout;
-import java.lang.foreign.SymbolLookup;
 import java.lang.foreign.ValueLayout;
 import java.lang.invoke.MethodHandle;
 import java.lang.invoke.VarHandle;
@@ -30,61 +29,63 @@ public final class NativeFs {
     private static final long ST_BLOCKS_OFFSET = 64;
     private static final long STAT_SIZE = 256;
 
-    private static final MethodHandle OPEN, CLOSE, LSEEK, FSTAT, FALLOCATE, FCNTL, SYNC_FILE_RANGE, FSYNC;
+    /**
+     * libc's syscall(2) wrapper, the one downcall every call here goes through: the JDK spins a stub per call shape,
+     * about 4 ms each at start-up, so one shape instead of one per function saves tens of milliseconds per command.
+     */
+    private static final MethodHandle SYSCALL;
     private static final StructLayout CAPTURE = Linker.Option.captureStateLayout();
     private static final VarHandle ERRNO = CAPTURE.varHandle(MemoryLayout.PathElement.groupElement("errno"));
     private static final boolean AVAILABLE;
+    /** System call numbers: x86_64 and aarch64 (asm-generic); cachestat is 451 on both (Linux 6.5 and later). */
+    private static final long SYS_OPENAT, SYS_CLOSE, SYS_LSEEK, SYS_FSTAT, SYS_FALLOCATE, SYS_FCNTL, SYS_SYNC_FILE_RANGE,
+            SYS_FSYNC, SYS_CACHESTAT = 451;
+    private static final long AT_FDCWD = -100;
     private static final int F_OFD_GETLK = 36;
     private static final int F_OFD_SETLK = 37;
     private static final short F_RDLCK = 0, F_WRLCK = 1, F_UNLCK = 2;
-    private static final int EAGAIN = 11, EACCES = 13;
+    private static final int EAGAIN = 11, EACCES = 13, EINTR = 4;
     private static final int SYNC_FILE_RANGE_WRITE = 2;
     /** struct flock on 64-bit Linux: l_type, l_whence (shorts), l_start, l_len, l_pid; 32 bytes. */
     private static final long FLOCK_SIZE = 32;
 
     static {
-        MethodHandle open = null, close = null, lseek = null, fstat = null, fallocate = null, fcntl = null, syncRange = null,
-                fsync = null;
+        String arch = System.getProperty("os.arch", "");
+        boolean x86 = arch.equals("amd64") || arch.equals("x86_64");
+        boolean arm = arch.equals("aarch64");
+        SYS_OPENAT = x86 ? 257 : 56;
+        SYS_CLOSE = x86 ? 3 : 57;
+        SYS_LSEEK = x86 ? 8 : 62;
+        SYS_FSTAT = x86 ? 5 : 80;
+        SYS_FALLOCATE = x86 ? 285 : 47;
+        SYS_FCNTL = x86 ? 72 : 25;
+        SYS_SYNC_FILE_RANGE = x86 ? 277 : 84;
+        SYS_FSYNC = x86 ? 74 : 82;
+        MethodHandle syscall = null;
         boolean ok = false;
         try {
-            if (System.getProperty("os.name", "").toLowerCase().contains("linux")) {
+            if (System.getProperty("os.name", "").toLowerCase().contains("linux") && (x86 || arm)) {
                 Linker linker = Linker.nativeLinker();
-                SymbolLookup libc = linker.defaultLookup();
-                Linker.Option errno = Linker.Option.captureCallState("errno");
-                open = linker.downcallHandle(libc.find("open").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.ADDRESS, ValueLayout.JAVA_INT),
-                        errno, Linker.Option.firstVariadicArg(2));
-                close = linker.downcallHandle(libc.find("close").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT));
-                lseek = linker.downcallHandle(libc.find("lseek").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_LONG, ValueLayout.JAVA_INT, ValueLayout.JAVA_LONG, ValueLayout.JAVA_INT), errno);
-                fstat = linker.downcallHandle(libc.find("fstat").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.ADDRESS), errno);
-                fallocate = linker.downcallHandle(libc.find("fallocate").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_INT,
-                                ValueLayout.JAVA_LONG, ValueLayout.JAVA_LONG), errno);
-                fcntl = linker.downcallHandle(libc.find("fcntl").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.ADDRESS),
-                        errno, Linker.Option.firstVariadicArg(2));
-                syncRange = linker.downcallHandle(libc.find("sync_file_range").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT, ValueLayout.JAVA_LONG,
-                                ValueLayout.JAVA_LONG, ValueLayout.JAVA_INT));
-                fsync = linker.downcallHandle(libc.find("fsync").orElseThrow(),
-                        FunctionDescriptor.of(ValueLayout.JAVA_INT, ValueLayout.JAVA_INT), errno);
+                syscall = linker.downcallHandle(linker.defaultLookup().find("syscall").orElseThrow(),
+                        FunctionDescriptor.of(ValueLayout.JAVA_LONG, ValueLayout.JAVA_LONG, ValueLayout.JAVA_LONG,
+                                ValueLayout.JAVA_LONG, ValueLayout.JAVA_LONG, ValueLayout.JAVA_LONG),
+                        Linker.Option.captureCallState("errno"), Linker.Option.firstVariadicArg(1));
                 ok = true;
             }
         } catch (Throwable t) {
             ok = false;
         }
-        OPEN = open;
-        CLOSE = close;
-        LSEEK = lseek;
-        FSTAT = fstat;
-        FALLOCATE = fallocate;
-        FCNTL = fcntl;
-        SYNC_FILE_RANGE = syncRange;
-        FSYNC = fsync;
+        SYSCALL = syscall;
         AVAILABLE = ok;
+    }
+
+    /** One system call with up to four arguments; returns its result, or -errno when it fails. */
+    private static long sys(long nr, long a, long b, long c, long d) throws Throwable {
+        try (Arena arena = Arena.ofConfined()) {
+            MemorySegment state = arena.allocate(CAPTURE);
+            long r = (long) SYSCALL.invokeExact(state, nr, a, b, c, d);
+            return r == -1 ? -(int) ERRNO.get(state, 0L) : r;
+        }
     }
 
     private NativeFs() {
@@ -115,39 +116,26 @@ public final class NativeFs {
         }
 
         private long seek(long pos, int whence) throws IOException {
-            try (Arena arena = Arena.ofConfined()) {
-                MemorySegment state = arena.allocate(CAPTURE);
-                long r = (long) LSEEK.invokeExact(state, fd, pos, whence);
-                if (r >= 0) {
-                    return r;
-                }
-                int err = (int) ERRNO.get(state, 0L);
-                if (err == ENXIO) {
-                    return -1;
-                }
-                throw new IOException(name + ": lseek(" + pos + ", " + (whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE")
-                        + ") failed: errno " + err);
-            } catch (IOException e) {
-                throw e;
-            } catch (Throwable t) {
-                throw new IOException(name + ": lseek failed: " + t, t);
+            long r = call("lseek", SYS_LSEEK, fd, pos, whence, 0);
+            if (r >= 0) {
+                return r;
             }
+            if (r == -ENXIO) {
+                return -1;
+            }
+            throw new IOException(name + ": lseek(" + pos + ", " + (whence == SEEK_DATA ? "SEEK_DATA" : "SEEK_HOLE")
+                    + ") failed: errno " + -r);
         }
 
         /** st_blocks * 512: the bytes the file system allocated for the file. */
         public long allocatedBytes() throws IOException {
             try (Arena arena = Arena.ofConfined()) {
-                MemorySegment state = arena.allocate(CAPTURE);
                 MemorySegment st = arena.allocate(STAT_SIZE, 8);
-                int r = (int) FSTAT.invokeExact(state, fd, st);
+                long r = call("fstat", SYS_FSTAT, fd, st.address(), 0, 0);
                 if (r != 0) {
-                    throw new IOException(name + ": fstat failed: errno " + (int) ERRNO.get(state, 0L));
+                    throw new IOException(name + ": fstat failed: errno " + -r);
                 }
                 return st.get(ValueLayout.JAVA_LONG, ST_BLOCKS_OFFSET) * 512;
-            } catch (IOException e) {
-                throw e;
-            } catch (Throwable t) {
-                throw new IOException(name + ": fstat failed: " + t, t);
             }
         }
 
@@ -157,22 +145,14 @@ public final class NativeFs {
          * @return false when the file system does not support it
          */
         public boolean punchHole(long offset, long length) throws IOException {
-            try (Arena arena = Arena.ofConfined()) {
-                MemorySegment state = arena.allocate(CAPTURE);
-                int r = (int) FALLOCATE.invokeExact(state, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
-                if (r == 0) {
-                    return true;
-                }
-                int err = (int) ERRNO.get(state, 0L);
-                if (err == 95 /* EOPNOTSUPP */ || err == 38 /* ENOSYS */) {
-                    return false;
-                }
-                throw new IOException(name + ": fallocate(PUNCH_HOLE, " + offset + ", " + length + ") failed: errno " + err);
-            } catch (IOException e) {
-                throw e;
-            } catch (Throwable t) {
-                throw new IOException(name + ": fallocate failed: " + t, t);
+            long r = call("fallocate", SYS_FALLOCATE, fd, FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, offset, length);
+            if (r == 0) {
+                return true;
             }
+            if (r == -95 /* EOPNOTSUPP */ || r == -38 /* ENOSYS */) {
+                return false;
+            }
+            throw new IOException(name + ": fallocate(PUNCH_HOLE, " + offset + ", " + length + ") failed: errno " + -r);
         }
 
         /**
@@ -182,9 +162,26 @@ public final class NativeFs {
          */
         public void startWriteback(long offset, long length) {
             try {
-                int ignored = (int) SYNC_FILE_RANGE.invokeExact(fd, offset, length, SYNC_FILE_RANGE_WRITE);
-            } catch (Throwable t) {
+                call("sync_file_range", SYS_SYNC_FILE_RANGE, fd, offset, length, SYNC_FILE_RANGE_WRITE);
+            } catch (IOException e) {
                 // a hint: the final fsync does the real work
+            }
+        }
+
+        /**
+         * Pages of {@code [offset, offset + length)} in the page cache (cachestat(2), without touching them or starting
+         * any I/O), or -1 where the kernel lacks the call.
+         */
+        public long cachedPages(long offset, long length) {
+            try (Arena arena = Arena.ofConfined()) {
+                MemorySegment range = arena.allocate(16, 8);
+                range.set(ValueLayout.JAVA_LONG, 0, offset);
+                range.set(ValueLayout.JAVA_LONG, 8, length);
+                MemorySegment stat = arena.allocate(40, 8); // nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted
+                long r = call("cachestat", SYS_CACHESTAT, fd, range.address(), stat.address(), 0);
+                return r == 0 ? stat.get(ValueLayout.JAVA_LONG, 0) : -1;
+            } catch (IOException e) {
+                return -1;
             }
         }
 
@@ -194,16 +191,9 @@ public final class NativeFs {
          * the JDK's module image on its first call, a cold read at every command's start.
          */
         public void fsync() throws IOException {
-            int r, err;
-            try (Arena arena = Arena.ofConfined()) {
-                MemorySegment state = arena.allocate(CAPTURE);
-                r = (int) FSYNC.invokeExact(state, fd);
-                err = r == 0 ? 0 : (int) ERRNO.get(state, 0L);
-            } catch (Throwable t) {
-                throw new IOException(name + ": fsync failed: " + t, t);
-            }
+            long r = call("fsync", SYS_FSYNC, fd, 0, 0, 0);
             if (r != 0) {
-                throw new IOException(name + ": fsync failed: errno " + err);
+                throw new IOException(name + ": fsync failed: errno " + -r);
             }
         }
 
@@ -224,33 +214,39 @@ public final class NativeFs {
         /** Runs fcntl on one byte; SETLK returns 0 or -1 (conflict), GETLK the type of the conflicting lock. */
         private int fcntlByte(int cmd, short type, long offset) throws IOException {
             try (Arena arena = Arena.ofConfined()) {
-                MemorySegment state = arena.allocate(CAPTURE);
                 MemorySegment fl = arena.allocate(FLOCK_SIZE, 8);
                 fl.set(ValueLayout.JAVA_SHORT, 0, type);
                 fl.set(ValueLayout.JAVA_SHORT, 2, (short) 0); // SEEK_SET
                 fl.set(ValueLayout.JAVA_LONG, 8, offset);
                 fl.set(ValueLayout.JAVA_LONG, 16, 1L);
-                int r = (int) FCNTL.invokeExact(state, fd, cmd, fl);
+                long r = call("fcntl", SYS_FCNTL, fd, cmd, fl.address(), 0);
                 if (r != 0) {
-                    int err = (int) ERRNO.get(state, 0L);
-                    if (cmd == F_OFD_SETLK && (err == EAGAIN || err == EACCES)) {
+                    if (cmd == F_OFD_SETLK && (r == -EAGAIN || r == -EACCES)) {
                         return -1;
                     }
                     throw new IOException(name + ": fcntl(" + (cmd == F_OFD_SETLK ? "F_OFD_SETLK" : "F_OFD_GETLK")
-                            + ", byte " + offset + ") failed: errno " + err);
+                            + ", byte " + offset + ") failed: errno " + -r);
                 }
                 return cmd == F_OFD_GETLK ? fl.get(ValueLayout.JAVA_SHORT, 0) : 0;
-            } catch (IOException e) {
-                throw e;
+            }
+        }
+
+        private long call(String what, long nr, long a, long b, long c, long d) throws IOException {
+            try {
+                long r;
+                do {
+                    r = sys(nr, a, b, c, d);
+                } while (r == -EINTR);
+                return r;
             } catch (Throwable t) {
-                throw new IOException(name + ": fcntl failed: " + t, t);
+                throw new IOException(name + ": " + what + " failed: " + t, t);
             }
         }
 
         @Override
         public void close() {
             try {
-                int r = (int) CLOSE.invokeExact(fd);
+                sys(SYS_CLOSE, fd, 0, 0, 0);
             } catch (Throwable ignored) {
                 // closing a read-side descriptor cannot lose data
             }
@@ -263,13 +259,15 @@ public final class NativeFs {
             return null;
         }
         try (Arena arena = Arena.ofConfined()) {
-            MemorySegment state = arena.allocate(CAPTURE);
             MemorySegment p = arena.allocateFrom(path.toString());
-            int fd = (int) OPEN.invokeExact(state, p, (write ? O_RDWR : O_RDONLY) | O_CLOEXEC);
+            long fd;
+            do {
+                fd = sys(SYS_OPENAT, AT_FDCWD, p.address(), (write ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0);
+            } while (fd == -EINTR);
             if (fd < 0) {
-                throw new IOException(path + ": open failed: errno " + (int) ERRNO.get(state, 0L));
+                throw new IOException(path + ": open failed: errno " + -fd);
             }
-            return new Fd(fd, path.toString());
+            return new Fd((int) fd, path.toString());
         } catch (IOException e) {
             throw e;
         } catch (Throwable t) {
