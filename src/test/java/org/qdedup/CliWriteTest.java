@@ -381,17 +381,21 @@ class CliWriteTest {
         String raw = p("r.raw");
         try (RandomAccessFile f = new RandomAccessFile(raw, "rw")) {
             f.setLength(4L << 20);
-            byte[] b = new byte[50_000];
+            // over 256 KiB of data: with -t none and directsync most of it is written with O_DIRECT
+            byte[] b = new byte[(1 << 20) + 50_000];
             new Random(5).nextBytes(b);
-            f.seek(1 << 20);
+            f.seek((1 << 20) + 512);
             f.write(b);
         }
-        for (String cache : new String[]{"writeback", "writethrough", "none", "unsafe"}) {
+        for (String cache : new String[]{"writeback", "writethrough", "none", "directsync", "unsafe"}) {
             String dst = p("wb-" + cache + ".qcow2");
             Run r = cli("convert", "-t", cache, "-p", "-O", "qcow2", raw, dst).ok();
             assertThat(r.out()).as("progress goes to stderr only").isEmpty();
             assertCheckClean(dir, dst);
             assertThat(Qemu.imgRaw(dir, "compare", "-f", "raw", "-F", "qcow2", raw, dst).exit()).isZero();
+            String rawDst = p("wb-" + cache + ".raw");
+            cli("convert", "-t", cache, "-O", "raw", dst, rawDst).ok();
+            assertThat(Files.mismatch(Path.of(raw), Path.of(rawDst))).isEqualTo(-1);
         }
         // -n into the image just made, with -t writeback.
         Qemu.io(dir, "qcow2", p("wb-unsafe.qcow2"), List.of("write -P 0x99 0 4M"));

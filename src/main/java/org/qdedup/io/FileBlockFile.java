@@ -140,46 +140,20 @@ public final class FileBlockFile implements BlockFile {
         return channel.size();
     }
 
-    /** Reads and writes at least this long may go around the page cache (see {@link #directReadsWhenUncached}). */
+    /** Writes at least this long may go around the page cache (see {@link #directWritesWhenLarge}). */
     static final int DIRECT_MIN = 256 << 10;
-    private volatile FileChannel directChannel;
     private int directAlign;
-
-    /**
-     * For one-shot bulk copies (convert): from now on, large aligned reads of ranges that have no page in the page
-     * cache go to the disk directly (O_DIRECT). That saves the kernel a copy and page-cache churn (on two cores, a cold
-     * 1 GiB read took 0.3-1.5 s of system time buffered against 0.05 s direct) and leaves the host's cache to others;
-     * ranges with any page cached, small reads and file systems without O_DIRECT or cachestat(2) read as before.
-     */
-    public void directReadsWhenUncached() {
-        if (fd == null || directChannel != null || !Boolean.parseBoolean(System.getProperty("qdedup.directReads", "true"))
-                || fd.cachedPages(0, 4096) < 0) {
-            return;
-        }
-        try {
-            int block = directBlockSize();
-            if (block == 0) {
-                return;
-            }
-            directAlign = block;
-            directChannel = FileChannel.open(path, StandardOpenOption.READ, com.sun.nio.file.ExtendedOpenOption.DIRECT);
-        } catch (IOException | UnsupportedOperationException e) {
-            directChannel = null; // e.g. tmpfs refuses O_DIRECT: buffered reads it is
-        }
-    }
 
     private volatile FileChannel directWriteChannel;
 
     /**
-     * For bulk writers that flush at the end anyway (convert with a cache mode other than unsafe): from now on, large
-     * aligned writes go to the disk directly (O_DIRECT). The data must reach the disk before the command returns, so
-     * the page cache would only add a copy, fresh memory and a long final fsync; the final {@link #flush} still makes
-     * it durable (fsync flushes the disk's cache for direct writes too). Small and unaligned writes (metadata, cluster
+     * For bulk writers that were asked to bypass the host cache (convert -t none): from now on, large aligned writes
+     * go to the disk directly (O_DIRECT); the final {@link #flush} still makes them durable (fsync flushes the disk's
+     * cache for direct writes too). Small and unaligned writes (metadata, cluster
      * heads and tails) stay buffered; the kernel keeps the two coherent, and no range is written both ways at once.
      */
     public void directWritesWhenLarge() {
-        if (fd == null || !writable || directWriteChannel != null
-                || !Boolean.parseBoolean(System.getProperty("qdedup.directWrites", "true"))) {
+        if (fd == null || !writable || directWriteChannel != null) {
             return;
         }
         try {
@@ -214,32 +188,15 @@ public final class FileBlockFile implements BlockFile {
             done += direct.write(part, pos + done);
         }
         src.position(src.position() + done);
+        directBytes.addAndGet(done);
         return done;
     }
 
-    /** Reads the aligned, uncached head of a large read with O_DIRECT; returns the bytes read that way (maybe 0). */
-    private int readDirect(FileChannel direct, ByteBuffer dst, long pos) throws IOException {
-        int align = directAlign;
-        int len = dst.remaining() & -align;
-        if (len < DIRECT_MIN || (pos & (align - 1)) != 0
-                || (java.lang.foreign.MemorySegment.ofBuffer(dst).address() & (align - 1)) != 0
-                || fd.cachedPages(pos, len) != 0) {
-            return 0;
-        }
-        ByteBuffer part = dst.slice(dst.position(), len);
-        int done = 0;
-        while (part.hasRemaining()) {
-            int n = direct.read(part, pos + done);
-            if (n <= 0) {
-                break;
-            }
-            done += n;
-            if ((done & (align - 1)) != 0) {
-                break; // end of file inside a block: the buffered read below finds the end too
-            }
-        }
-        dst.position(dst.position() + done);
-        return done;
+    private final java.util.concurrent.atomic.AtomicLong directBytes = new java.util.concurrent.atomic.AtomicLong();
+
+    /** Bytes written with O_DIRECT so far (for tests). */
+    long directBytesWritten() {
+        return directBytes.get();
     }
 
     @Override
@@ -248,10 +205,6 @@ public final class FileBlockFile implements BlockFile {
             return readViaBounce(dst, pos);
         }
         int total = 0;
-        FileChannel direct = directChannel;
-        if (direct != null && dst.remaining() >= DIRECT_MIN) {
-            total = readDirect(direct, dst, pos);
-        }
         while (dst.hasRemaining()) {
             int n = channel.read(dst, pos + total);
             if (n < 0) {
@@ -398,10 +351,9 @@ public final class FileBlockFile implements BlockFile {
     public void close() throws IOException {
         try {
             channel.close();
-            for (FileChannel direct : new FileChannel[]{directChannel, directWriteChannel}) {
-                if (direct != null) {
-                    direct.close();
-                }
+            FileChannel direct = directWriteChannel;
+            if (direct != null) {
+                direct.close();
             }
         } finally {
             if (fd != null) {

@@ -37,9 +37,9 @@ public final class NativeFs {
     private static final StructLayout CAPTURE = Linker.Option.captureStateLayout();
     private static final VarHandle ERRNO = CAPTURE.varHandle(MemoryLayout.PathElement.groupElement("errno"));
     private static final boolean AVAILABLE;
-    /** System call numbers: x86_64 and aarch64 (asm-generic); cachestat is 451 on both (Linux 6.5 and later). */
+    /** System call numbers: x86_64 and aarch64 (asm-generic). */
     private static final long SYS_OPENAT, SYS_CLOSE, SYS_LSEEK, SYS_FSTAT, SYS_FALLOCATE, SYS_FCNTL, SYS_SYNC_FILE_RANGE,
-            SYS_FSYNC, SYS_CACHESTAT = 451;
+            SYS_FSYNC;
     private static final long AT_FDCWD = -100;
     private static final int F_OFD_GETLK = 36;
     private static final int F_OFD_SETLK = 37;
@@ -165,23 +165,6 @@ public final class NativeFs {
                 call("sync_file_range", SYS_SYNC_FILE_RANGE, fd, offset, length, SYNC_FILE_RANGE_WRITE);
             } catch (IOException e) {
                 // a hint: the final fsync does the real work
-            }
-        }
-
-        /**
-         * Pages of {@code [offset, offset + length)} in the page cache (cachestat(2), without touching them or starting
-         * any I/O), or -1 where the kernel lacks the call.
-         */
-        public long cachedPages(long offset, long length) {
-            try (Arena arena = Arena.ofConfined()) {
-                MemorySegment range = arena.allocate(16, 8);
-                range.set(ValueLayout.JAVA_LONG, 0, offset);
-                range.set(ValueLayout.JAVA_LONG, 8, length);
-                MemorySegment stat = arena.allocate(40, 8); // nr_cache, nr_dirty, nr_writeback, nr_evicted, nr_recently_evicted
-                long r = call("cachestat", SYS_CACHESTAT, fd, range.address(), stat.address(), 0);
-                return r == 0 ? stat.get(ValueLayout.JAVA_LONG, 0) : -1;
-            } catch (IOException e) {
-                return -1;
             }
         }
 
