@@ -33,8 +33,12 @@ public final class Main implements Runnable {
         int rc = run(args, System.out, System.err);
         System.out.flush();
         System.err.flush();
-        // Everything is closed and flushed and no shutdown hooks exist; System.exit would first set up the JDK's
-        // System.Logger to log the exit (10-20 ms, more with a cold page cache).
+        // Everything is closed and flushed and qdedup has no shutdown hooks; System.exit would first set up the JDK's
+        // System.Logger to log the exit (10-20 ms, more with a cold page cache). The launcher asks for a normal exit
+        // when JVM options are added, so that tools hooked on it (a flight recording, an agent) still finish.
+        if (Boolean.getBoolean("qdedup.exitHooks")) {
+            System.exit(rc);
+        }
         Runtime.getRuntime().halt(rc);
     }
 
