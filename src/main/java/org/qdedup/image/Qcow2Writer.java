@@ -700,7 +700,7 @@ public final class Qcow2Writer {
             shareInto(r, pos, target);
             return true;
         }
-        if (mayWait && sharing && (conflict = storing.get(ByteBuffer.wrap(sha))) != null) {
+        if (mayWait && sharing && (conflict = storing.get(new HashKey(sha))) != null) {
             return false; // a write in flight is storing this content: the caller waits for it, then looks again
         }
         n.misses++;
@@ -955,14 +955,14 @@ public final class Qcow2Writer {
             copiesOfFresh.clear();
             img.meta.lock();
             try {
-                java.util.Map<ByteBuffer, Integer> freshByHash = null;
+                java.util.Map<HashKey, Integer> freshByHash = null;
                 for (int i = 0; i < n; i++) {
                     if (done[i]) {
                         continue;
                     }
                     // The same content earlier in this request, still waiting for its new cluster: share that one,
                     // also where this cluster could take the content in place (which would store it twice).
-                    Integer pending = freshByHash == null ? null : freshByHash.get(ByteBuffer.wrap(hashes[i]));
+                    Integer pending = freshByHash == null ? null : freshByHash.get(new HashKey(hashes[i]));
                     boolean same = pending != null && java.util.Arrays.equals(arr, base + fresh[pending] * c,
                             base + fresh[pending] * c + c, arr, base + i * c, base + i * c + c);
                     if (same && sharing && dedup.allows(2 + copiesOf(copiesOfFresh, pending))) {
@@ -984,7 +984,7 @@ public final class Qcow2Writer {
                     if (freshByHash == null) {
                         freshByHash = new java.util.HashMap<>();
                     }
-                    freshByHash.put(ByteBuffer.wrap(hashes[i]), nFresh);
+                    freshByHash.put(new HashKey(hashes[i]), nFresh);
                     fresh[nFresh++] = i;
                 }
                 if (other == null) {
@@ -997,7 +997,7 @@ public final class Qcow2Writer {
                     mine = new InFlight();
                     if (sharing) {
                         for (int j = 0; j < nFresh; j++) {
-                            storing.put(ByteBuffer.wrap(hashes[fresh[j]]), mine);
+                            storing.put(new HashKey(hashes[fresh[j]]), mine);
                         }
                     }
                     break;
@@ -1066,14 +1066,30 @@ public final class Qcow2Writer {
     }
 
     /** Hashes of new clusters whose data is being written, by the write doing it (metadata lock held). */
-    private final java.util.Map<ByteBuffer, InFlight> storing = new java.util.HashMap<>();
+    private final java.util.Map<HashKey, InFlight> storing = new java.util.HashMap<>();
+
+    /**
+     * A SHA-256 as a map key. ByteBuffer keys hashed all 32 bytes one virtual call at a time, under the metadata lock;
+     * the digest's first four bytes are as uniform as any hash of it.
+     */
+    private record HashKey(byte[] sha) {
+        @Override
+        public int hashCode() {
+            return (sha[0] << 24) | ((sha[1] & 0xff) << 16) | ((sha[2] & 0xff) << 8) | (sha[3] & 0xff);
+        }
+
+        @Override
+        public boolean equals(Object o) {
+            return o instanceof HashKey k && java.util.Arrays.equals(sha, k.sha);
+        }
+    }
     /** Set by {@link #writeDeduped} when it left a cluster to a write in flight (metadata lock held). */
     private InFlight conflict;
 
     /** The in-flight write is over (published, or failed): its hashes go, and writes waiting for it go on. */
     private void stored(InFlight w, byte[][] hashes, int[] fresh, int nFresh) {
         for (int j = 0; j < nFresh; j++) {
-            storing.remove(ByteBuffer.wrap(hashes[fresh[j]]), w);
+            storing.remove(new HashKey(hashes[fresh[j]]), w);
         }
         w.published.countDown();
     }
