@@ -16,8 +16,9 @@ import org.qdedup.io.BlockFile;
  * Refcounts of host clusters: the refcount table and its blocks (any width 1..64 bits), a write-back block cache,
  * and cluster allocation.
  *
- * <p>Callers hold the image's metadata lock. Increments are written by {@link #writeDirty()}, which the image calls
- * (and syncs) before it writes any L2 entry that points at a newly allocated cluster. Decrements are queued with
+ * <p>Callers hold the image's metadata lock. Increments (and the table entries of new blocks) are written by
+ * {@link #writeDirty()}, which the image calls (and syncs) before it writes any L2 entry that points at a newly
+ * allocated cluster. Decrements are queued with
  * {@link #deferDecrement} and applied by {@link #applyDeferred()} only after the entries that referenced the
  * clusters are durably gone, so a freed cluster is never reused while a durable entry still points at it.
  */
@@ -274,12 +275,31 @@ public final class Refcounts {
         return !dirty.isEmpty();
     }
 
-    /** Writes dirty refcount blocks (no sync). */
+    /** Table indexes of blocks made since the last {@link #writeDirty}: their table entries are not written yet. */
+    private final java.util.TreeSet<Long> pendingEntries = new java.util.TreeSet<>();
+
+    /**
+     * Writes dirty refcount blocks and then, after a sync, the table entries of new blocks; the caller syncs before
+     * it writes anything that points at clusters these refcounts count. A failed write (a full disk) leaves the blocks
+     * dirty and the entries pending, written again next time: nothing points into a new block's range before this
+     * succeeds, and until then a crash leaves the new blocks unreferenced (free space).
+     */
     public void writeDirty() throws IOException {
-        for (Map.Entry<Long, byte[]> e : dirty.entrySet()) {
+        for (var it = dirty.entrySet().iterator(); it.hasNext(); ) {
+            Map.Entry<Long, byte[]> e = it.next();
             file.write(ByteBuffer.wrap(e.getValue()), e.getKey());
+            it.remove();
         }
-        dirty.clear();
+        if (pendingEntries.isEmpty()) {
+            return;
+        }
+        sync();
+        for (long ti : pendingEntries) {
+            byte[] ent = new byte[8];
+            Be.put64(ent, 0, table[(int) ti]);
+            file.write(ByteBuffer.wrap(ent), tableOffset + 8 * ti);
+        }
+        pendingEntries.clear();
     }
 
     /** Makes sure the refcount block for table index {@code ti} exists, growing the table when needed. */
@@ -325,16 +345,11 @@ public final class Refcounts {
                 avoidEnd = savedEnd;
             }
         }
-        // The block reaches disk before the table entry that publishes it. The table in RAM names the block only
-        // once that entry is written: when a write fails (a full disk) nothing counts on the block, and the next
-        // allocation tries again.
-        writeDirty();
-        sync();
-        byte[] ent = new byte[8];
-        Be.put64(ent, 0, off);
-        file.write(ByteBuffer.wrap(ent), tableOffset + 8 * ti);
-        sync();
+        // The block reaches disk before the table entry that publishes it, and the entry before anything that points
+        // into the block's range: both come with the next writeDirty, which every caller syncs before it writes such
+        // a pointer (one pair of syncs for all the blocks made since, instead of one per block).
         table[(int) ti] = off;
+        pendingEntries.add(ti);
         blockClusters.add(b);
     }
 
