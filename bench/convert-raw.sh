@@ -11,7 +11,7 @@
 #   SEED       layout seed of the generated source (default 42)
 #   QEMU_IMG   qemu-img binary (default qemu-img)
 #   QDEDUP     qdedup launcher (default: a frozen copy of <repo>/bin/qdedup and its jar, see SNAPSHOT)
-#   SNAPSHOT   1 (default): time a copy of bin/ + target/qdedup.jar made after the build, so edits
+#   SNAPSHOT   1 (default): time a copy of bin/ + target/qdedup.jar + target/lib made after the build, so edits
 #              under src/ during the runs cannot rebuild or replace the jar mid-benchmark; 0: bin/qdedup
 set -euo pipefail
 
