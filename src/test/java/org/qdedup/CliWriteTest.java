@@ -188,6 +188,21 @@ class CliWriteTest {
         assertThat(dir.resolve("bad.qcow2")).as("no image left behind").doesNotExist();
     }
 
+    /** The contract's {@code qdedup COMMAND --help}: usage on stdout, exit 0, for every command. */
+    @Test
+    void everyCommandPrintsItsUsageWithHelp() {
+        for (String c : new String[]{"info", "map", "check", "compare", "convert", "create", "snapshot", "resize", "commit",
+                "rebase", "stats", "estimate", "dedup", "serve", "demo"}) {
+            Run r = cli(c, "--help");
+            assertThat(r.rc()).as(c + " --help: %s", r.err()).isZero();
+            assertThat(r.out()).as(c + " --help").startsWith("Usage: qdedup " + c).contains("--help");
+        }
+        Run v = cli("--version");
+        assertThat(v.rc()).isZero();
+        assertThat(v.out()).startsWith("qdedup ");
+        assertThat(cli("help", "convert").out()).startsWith("Usage: qdedup convert");
+    }
+
     @Test
     void createAndConvertRefuseAnImageInUseAndLeaveItAlone() throws Exception {
         String img = p("busy.qcow2");

@@ -97,12 +97,21 @@ public final class Main implements Runnable {
         for (Class<?> c : COMMANDS) {
             Command a = c.getAnnotation(Command.class);
             if (a.name().equals(first) && !first.equals("help")) {
-                cl.addSubcommand(c);
+                addCommand(cl, c);
                 return;
             }
         }
         for (Class<?> c : COMMANDS) {
-            cl.addSubcommand(c);
+            addCommand(cl, c);
+        }
+    }
+
+    /** Adds a command with -h/--help and -V/--version of its own ("qdedup COMMAND --help", as the contract has it). */
+    private static void addCommand(CommandLine cl, Class<?> c) {
+        cl.addSubcommand(c);
+        if (c != CommandLine.HelpCommand.class) {
+            CommandLine sub = cl.getSubcommands().get(c.getAnnotation(Command.class).name());
+            sub.getCommandSpec().mixinStandardHelpOptions(true);
         }
     }
 

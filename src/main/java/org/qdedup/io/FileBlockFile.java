@@ -184,8 +184,15 @@ public final class FileBlockFile implements BlockFile {
         }
         ByteBuffer part = src.slice(src.position(), len);
         int done = 0;
-        while (part.hasRemaining()) {
-            done += direct.write(part, pos + done);
+        try {
+            while (part.hasRemaining()) {
+                done += direct.write(part, pos + done);
+            }
+        } catch (IOException e) {
+            // A file system may want other alignment than it reports: the buffered path writes the rest (and meets
+            // any real error, such as a full disk, again).
+            directWriteChannel = null;
+            direct.close();
         }
         src.position(src.position() + done);
         directBytes.addAndGet(done);
