@@ -38,7 +38,7 @@ final class ConvertCommand implements Callable<Integer> {
     String cache = "unsafe";
 
     /** With a final flush, write-back starts after every this many bytes, so the disk works during the copy. */
-    private static final long WRITE_BEHIND = Long.getLong("qdedup.writeBehind", 32L << 20);
+    private static final long WRITE_BEHIND = 32L << 20;
     @Option(names = "-l", paramLabel = "snapshot.name=NAME", description = "Convert an internal snapshot of the source.")
     String snapshot;
     @Option(names = {"-U", "--force-share"}, description = "Open the source without taking its lock.")

@@ -27,7 +27,7 @@ public final class Main implements Runnable {
     }
 
     public static void main(String[] args) {
-        // Linking the native calls takes about 30 ms of method-handle spinning: done on the other core while picocli
+        // Linking the native calls spins method handles and a stub (about 10 ms): done on the other core while picocli
         // parses the command line (a caller that needs NativeFs first simply waits for its class initialisation).
         Thread.ofPlatform().daemon().name("qdedup-warm-up").start(NativeFs::available);
         int rc = run(args, System.out, System.err);

@@ -149,8 +149,8 @@ public final class FileBlockFile implements BlockFile {
     /**
      * For bulk writers that were asked to bypass the host cache (convert -t none): from now on, large aligned writes
      * go to the disk directly (O_DIRECT); the final {@link #flush} still makes them durable (fsync flushes the disk's
-     * cache for direct writes too). Small and unaligned writes (metadata, cluster
-     * heads and tails) stay buffered; the kernel keeps the two coherent, and no range is written both ways at once.
+     * cache for direct writes too). Small and unaligned writes (metadata, cluster heads and tails) stay buffered; the
+     * kernel keeps the two coherent, and no range is written both ways at once.
      */
     public void directWritesWhenLarge() {
         if (fd == null || !writable || directWriteChannel != null) {
@@ -356,12 +356,9 @@ public final class FileBlockFile implements BlockFile {
 
     @Override
     public void close() throws IOException {
-        try {
-            channel.close();
-            FileChannel direct = directWriteChannel;
-            if (direct != null) {
-                direct.close();
-            }
+        FileChannel direct = directWriteChannel;
+        try (FileChannel c = channel; FileChannel d = direct) {
+            // both closed, the data channel first
         } finally {
             if (fd != null) {
                 fd.close();

@@ -106,7 +106,7 @@ public final class Converter {
     }
 
     /** Chunk one worker handles at a time. */
-    static final int CHUNK = Integer.getInteger("qdedup.convert.chunk", 2 << 20);
+    static final int CHUNK = 2 << 20;
     /** Zero-detection granularity, qemu-img's default -S 4k. */
     static final int SPARSE = 4096;
     private static final java.lang.foreign.MemorySegment ZERO_SEGMENT = java.lang.foreign.MemorySegment.ofArray(new byte[SPARSE]);
