@@ -220,4 +220,41 @@ class DedupPersistenceTest {
         }
         assertThat(qemu("qemu-img", "check", img())).contains("No errors were found");
     }
+
+    /**
+     * An index file whose entries lie (keys swapped between two clusters) but whose checksum and stamp are valid is
+     * trusted, and still never makes a write share a cluster of other content: every candidate is compared byte for
+     * byte first.
+     */
+    @Test
+    void anIndexFileThatLiesUnderAValidStampNeverSharesWrongContent() throws Exception {
+        byte[] a = deduped();
+        byte[] b = pattern(2);
+        byte[] f = Files.readAllBytes(indexFile());
+        int h = DedupSidecar.HEADER_SIZE;
+        assertThat(ByteBuffer.wrap(f, 56, 8).getLong()).as("entries").isEqualTo(2);
+        byte[] key0 = Arrays.copyOfRange(f, h, h + 4);
+        System.arraycopy(f, h + 8, f, h, 4);
+        System.arraycopy(key0, 0, f, h + 8, 4);
+        java.util.zip.CRC32C crc = new java.util.zip.CRC32C();
+        crc.update(f, 0, h + 16);
+        ByteBuffer.wrap(f, h + 16, 4).putInt((int) crc.getValue());
+        Files.write(indexFile(), f);
+        try (Qcow2Image q = Images.openWritable(img(), OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(a), 2 * CS);
+            q.write(ByteBuffer.wrap(b), 3 * CS);
+            assertThat(q.writer().dedupIndexSource()).as("the lying file is trusted").isEqualTo("index file");
+            assertThat(q.writer().dedupCounters().fragmentCollisions).as("candidates refused by their bytes").isEqualTo(2);
+            q.write(ByteBuffer.wrap(a), 4 * CS); // shares with one of the real copies of A now indexed
+        }
+        byte[] all = readAll();
+        for (int[] at : new int[][]{{0, 1}, {1, 2}, {2, 1}, {3, 2}, {4, 1}}) {
+            assertThat(Arrays.copyOfRange(all, at[0] * CS, at[0] * CS + CS)).as("cluster %d", at[0])
+                    .isEqualTo(at[1] == 1 ? a : b);
+        }
+        assertThat(hostOf(2 * CS)).isNotEqualTo(hostOf(CS));
+        assertThat(hostOf(3 * CS)).isNotEqualTo(hostOf(0));
+        assertThat(hostOf(4 * CS)).isIn(hostOf(0), hostOf(2 * CS));
+        assertThat(qemu("qemu-img", "check", img())).contains("No errors were found");
+    }
 }
