@@ -23,7 +23,8 @@ public final class Deduplicator {
 
     /** Reads a host cluster's current content (to confirm a candidate). */
     public interface ClusterReader {
-        void read(long cluster, byte[] into) throws IOException;
+        /** Whether host cluster {@code cluster} holds exactly {@code data[off, off + len)}. */
+        boolean holds(long cluster, byte[] data, int off, int len) throws IOException;
     }
 
     /** Counters for stats and metrics. */
@@ -81,11 +82,7 @@ public final class Deduplicator {
         boolean ceiling = false;
         for (int i = 0; i < n; i++) {
             long c = candidates[i];
-            if (confirmBuf.length != len) {
-                confirmBuf = new byte[len];
-            }
-            reader.read(c, confirmBuf);
-            if (!Arrays.equals(confirmBuf, 0, len, data, off, off + len)) {
+            if (!reader.holds(c, data, off, len)) {
                 counters.fragmentCollisions++;
                 continue;
             }
@@ -99,9 +96,6 @@ public final class Deduplicator {
         }
         return -1;
     }
-
-    /** Candidate contents read back for confirmation; callers hold the image's metadata lock. */
-    private byte[] confirmBuf = new byte[0];
 
     /** Whether the index says this host cluster holds this content (a candidate to confirm by reading). */
     public boolean indexedAs(long cluster, byte[] sha) {

@@ -671,9 +671,7 @@ public final class Qcow2Writer {
         boolean plain = host >= 0 && !L2Entry.isCompressed(e) && (e & L2Entry.ZERO) == 0
                 && (!geo.extendedL2() || bitmapAt(r, idx) == L2Entry.BITMAP_ALL_ALLOC);
         if (plain && dedup.indexedAs(host / cs, sha)) {
-            byte[] buf = compareBuf();
-            dataFile.readFully(ByteBuffer.wrap(buf), host);
-            if (java.util.Arrays.equals(buf, 0, len, data, off, off + len)) {
+            if (dataFile.contentEquals(host, data, off, len)) {
                 n.inplaceRewrites++;
                 return true; // the same content rewritten in place: nothing to do at all
             }
@@ -691,7 +689,8 @@ public final class Qcow2Writer {
                 return true; // the backing chain shows this already: keep falling through
             }
         }
-        long target = !sharing ? -1 : dedup.find(sha, data, off, len, (c, into) -> dataFile.readFully(ByteBuffer.wrap(into), c * cs));
+        long target = !sharing ? -1 : dedup.find(sha, data, off, len,
+                (c, d, o, l) -> dataFile.contentEquals(c * cs, d, o, l));
         if (target >= 0 && target * cs == host) {
             n.inplaceRewrites++;
             return true;

@@ -43,6 +43,12 @@ public interface BlockFile extends Closeable {
         return size();
     }
 
+    /** Whether the file holds exactly {@code data[off, off + len)} at {@code pos}. */
+    default boolean contentEquals(long pos, byte[] data, int off, int len) throws IOException {
+        byte[] b = new byte[len];
+        return read(ByteBuffer.wrap(b), pos) == len && java.util.Arrays.equals(b, 0, len, data, off, off + len);
+    }
+
     /** Gives a range back to the host file system (it then reads as zeros); false when it cannot. */
     default boolean punchHole(long offset, long length) throws IOException {
         return false;

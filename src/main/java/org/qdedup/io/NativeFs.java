@@ -40,7 +40,7 @@ public final class NativeFs {
     private static final boolean AVAILABLE;
     /** System call numbers: x86_64 and aarch64 (asm-generic). */
     private static final long SYS_OPENAT, SYS_CLOSE, SYS_LSEEK, SYS_FSTAT, SYS_FALLOCATE, SYS_FCNTL, SYS_SYNC_FILE_RANGE,
-            SYS_FSYNC;
+            SYS_FSYNC, SYS_PREAD64;
     private static final long AT_FDCWD = -100;
     private static final int F_OFD_GETLK = 36;
     private static final int F_OFD_SETLK = 37;
@@ -62,6 +62,7 @@ public final class NativeFs {
         SYS_FCNTL = x86 ? 72 : 25;
         SYS_SYNC_FILE_RANGE = x86 ? 277 : 84;
         SYS_FSYNC = x86 ? 74 : 82;
+        SYS_PREAD64 = x86 ? 17 : 67;
         MethodHandle syscall = null;
         boolean ok = false;
         try {
@@ -167,6 +168,22 @@ public final class NativeFs {
             } catch (IOException e) {
                 // a hint: the final fsync does the real work
             }
+        }
+
+        /** pread(2) into native memory: the bytes read, fewer only at the end of the file. */
+        public long pread(MemorySegment into, long pos) throws IOException {
+            long done = 0;
+            while (done < into.byteSize()) {
+                long r = call("pread", SYS_PREAD64, fd, into.address() + done, into.byteSize() - done, pos + done);
+                if (r < 0) {
+                    throw new IOException(name + ": pread(" + (pos + done) + ") failed: errno " + -r);
+                }
+                if (r == 0) {
+                    break;
+                }
+                done += r;
+            }
+            return done;
         }
 
         /**

@@ -84,6 +84,24 @@ class FileBlockFileTest {
         assertThat(java.util.Arrays.equals(Files.readAllBytes(p), model)).isTrue();
     }
 
+    /** contentEquals (dedup's confirmation of a candidate): equal, one byte off, and a range past the end. */
+    @Test
+    void contentEqualsComparesTheFileBytesExactly() throws Exception {
+        byte[] data = new byte[3 * 4096 + 100];
+        new Random(3).nextBytes(data);
+        Path p = dir.resolve("c");
+        Files.write(p, data);
+        try (FileBlockFile f = FileBlockFile.open("c", p, false, FileBlockFile.Lock.NONE)) {
+            assertThat(f.contentEquals(4096, data, 4096, 4096)).isTrue();
+            assertThat(f.contentEquals(0, data, 0, data.length)).isTrue();
+            byte[] other = data.clone();
+            other[4096 + 4095] ^= 1;
+            assertThat(f.contentEquals(4096, other, 4096, 4096)).isFalse();
+            assertThat(f.contentEquals(2 * 4096, data, 4096, 4096)).isFalse();
+            assertThat(f.contentEquals(3 * 4096, data, 3 * 4096, 4096)).as("past the end").isFalse();
+        }
+    }
+
     private static byte[] toArray(ByteBuffer b) {
         byte[] a = new byte[b.remaining()];
         b.get(a);
