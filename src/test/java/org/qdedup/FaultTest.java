@@ -89,7 +89,7 @@ class FaultTest {
 
         void done(Req q) {
             int a = (int) q.off(), b = (int) (q.off() + q.len());
-            if (q.kind().equals("WRITE")) {
+            if (q.kind().equals("WRITE") || q.kind().equals("CWRITE")) {
                 System.arraycopy(q.data(), 0, now, a, q.data().length);
             } else if (!q.kind().equals("FLUSH")) {
                 Arrays.fill(now, a, b, (byte) 0);
@@ -125,7 +125,7 @@ class FaultTest {
         }
     }
 
-    private static List<Req> workload(Random r, byte[][] pool, boolean dedup) {
+    private static List<Req> workload(Random r, byte[][] pool, boolean dedup, boolean compressed) {
         List<Req> out = new ArrayList<>();
         for (int i = 0; i < 44; i++) {
             int k = r.nextInt(16);
@@ -135,7 +135,18 @@ class FaultTest {
                 case 1 -> CS;
                 default -> (long) CS * (1 + r.nextInt(6));
             });
-            if (k < 9) {
+            if (k < 9 && compressed && r.nextBoolean()) {
+                // One whole cluster written compressed (as convert -c does): a short random run repeated, so that
+                // it compresses.
+                off = off / CS * CS;
+                byte[] data = new byte[CS];
+                byte[] run = new byte[8 + r.nextInt(56)];
+                r.nextBytes(run);
+                for (int b = 0; b < CS; b++) {
+                    data[b] = run[b % run.length];
+                }
+                out.add(new Req("CWRITE", off, CS, data, false));
+            } else if (k < 9) {
                 byte[] data = new byte[(int) len];
                 r.nextBytes(data);
                 if (dedup) {
@@ -158,6 +169,7 @@ class FaultTest {
     private static void apply(Qcow2Image q, Req r) throws IOException {
         switch (r.kind()) {
             case "WRITE" -> q.write(ByteBuffer.wrap(r.data()), r.off());
+            case "CWRITE" -> q.writer().writeCompressed(ByteBuffer.wrap(r.data()), r.off());
             case "ZERO" -> q.writeZeroes(r.off(), r.len(), r.unmap());
             case "DISCARD" -> q.discard(r.off(), r.len());
             default -> q.flush();
@@ -220,7 +232,7 @@ class FaultTest {
     }
 
     @ParameterizedTest(name = "{0}")
-    @ValueSource(strings = {"plain", "plain-refcount64", "dedup", "dedup-snapshot"})
+    @ValueSource(strings = {"plain", "plain-refcount64", "dedup", "dedup-snapshot", "compressed"})
     @Timeout(1200)
     void everyFailingCallFailsItsRequestCleanlyAndTheImageSurvives(String variant) throws Exception {
         Random r = new Random(variant.hashCode() * 31L + WriterModelTest.SEED);
@@ -231,7 +243,7 @@ class FaultTest {
         }
         byte[] model0 = new byte[(int) SIZE];
         byte[] initial = initial(variant, model0, pool);
-        List<Req> work = workload(r, pool, dedup);
+        List<Req> work = workload(r, pool, dedup, variant.contains("compressed"));
         // A dry run counts the calls of each kind the workload makes (open and close included).
         FaultyFile dry = new FaultyFile(new MemoryBlockFile("dry", initial));
         dry.failAt(-1, Errno.EIO, false, EnumSet.noneOf(Op.class));

@@ -1340,8 +1340,22 @@ public final class Qcow2Writer {
                 L2Ref r = writableL2(geo.l1Index(pos));
                 int idx = geo.l2Index(pos);
                 long old = entryAt(r, idx);
+                long cursor = compressedCursor;
                 long host = allocateCompressedBytes(comp.length);
-                dataFile.write(ByteBuffer.wrap(comp), host);
+                try {
+                    dataFile.write(ByteBuffer.wrap(comp), host);
+                } catch (IOException | RuntimeException e) {
+                    // Nothing points at the bytes yet (a full disk, say): their references go back, so that the
+                    // failed write leaks nothing.
+                    compressedCursor = cursor;
+                    if (packedInto >= 0) {
+                        rc.add(packedInto, -1);
+                    }
+                    if (freshClusters > 0) {
+                        rc.free(freshStart, freshClusters);
+                    }
+                    throw e;
+                }
                 releaseFor(old, pos);
                 setEntry(r, idx, L2Entry.compressedEntry(host, comp.length, geo.clusterBits()), 0);
                 maybeWriteBack();
@@ -1360,26 +1374,38 @@ public final class Qcow2Writer {
      */
     private long allocateCompressedBytes(int len) throws IOException {
         long cur = compressedCursor;
+        packedInto = -1;
+        freshClusters = 0;
         if (cur != 0 && cur % cs != 0) {
             long room = cs - cur % cs;
             if (len <= room) {
                 rc.add(cur / cs, 1);
+                packedInto = cur / cs;
                 compressedCursor = cur + len;
                 return cur;
             }
             // Run on into the clusters right after it when they are free, as QEMU packs compressed data.
             int more = (int) ((len - room + cs - 1) / cs);
             if (rc.allocateAt(cur / cs + 1, more)) {
+                freshStart = (cur / cs + 1) * cs;
+                freshClusters = more;
                 rc.add(cur / cs, 1);
+                packedInto = cur / cs;
                 compressedCursor = cur + len;
                 return cur;
             }
         }
         int n = (int) ((len + cs - 1) / cs);
         long off = rc.allocate(n);
+        freshStart = off;
+        freshClusters = n;
         compressedCursor = off + len;
         return off;
     }
+
+    /** What the last {@link #allocateCompressedBytes} took: a reference to a packed cluster, fresh clusters. */
+    private long packedInto = -1, freshStart;
+    private int freshClusters;
 
     // ---- metadata write-back ---------------------------------------------------------------------------------
 
