@@ -21,7 +21,7 @@ public final class Deduplicator {
         long maxRefcount();
     }
 
-    /** Reads a host cluster's current content (to confirm a candidate). */
+    /** Compares a host cluster's current content with new data (to confirm a candidate). */
     public interface ClusterReader {
         /** Whether host cluster {@code cluster} holds exactly {@code data[off, off + len)}. */
         boolean holds(long cluster, byte[] data, int off, int len) throws IOException;
@@ -74,7 +74,7 @@ public final class Deduplicator {
 
     /**
      * A host cluster holding exactly {@code data[off, off + len)} that may take one more reference, or -1. Every candidate is
-     * confirmed by reading its content: a hash fragment collision, or a cluster changed behind our back, is
+     * confirmed by comparing its content: a hash fragment collision, or a cluster changed behind our back, is
      * never shared.
      */
     public long find(byte[] sha, byte[] data, int off, int len, ClusterReader reader) throws IOException {

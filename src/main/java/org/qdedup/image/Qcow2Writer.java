@@ -23,8 +23,8 @@ import org.qdedup.io.FileBlockFile;
  * The write side of a qcow2 image: allocation, copy-on-write, zeroing, discard and the ordered metadata flush.
  *
  * <p><b>Write ordering</b> (all of it lives in {@link #writeBack}): (1) refcount increments and guest data are
- * written and synced (new refcount blocks first, then their table entries: {@link Refcounts#writeDirty}); (2) then the L2 tables that publish the new clusters are written (and synced) and only
- * then the L1 entries that point at new L2 tables; (3) only after that, refcount decrements of clusters whose
+ * written and synced (new refcount blocks first, then their table entries: {@link Refcounts#writeDirty}); (2) then
+ * the L2 tables that publish the new clusters are written (and synced) and only then the L1 entries that point at new L2 tables; (3) only after that, refcount decrements of clusters whose
  * entries were removed are applied and written. A crash therefore leaks clusters at worst: an entry never points
  * at a cluster whose refcount is not on disk, or whose data is not, and a freed cluster is never reused while a
  * durable entry still points at it.
@@ -1082,6 +1082,7 @@ public final class Qcow2Writer {
             return o instanceof HashKey k && java.util.Arrays.equals(sha, k.sha);
         }
     }
+
     /** Set by {@link #writeDeduped} when it left a cluster to a write in flight (metadata lock held). */
     private InFlight conflict;
 
