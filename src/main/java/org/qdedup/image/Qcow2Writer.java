@@ -24,8 +24,9 @@ import org.qdedup.io.FileBlockFile;
  *
  * <p><b>Write ordering</b> (all of it lives in {@link #writeBack}): (1) refcount increments and guest data are
  * written and synced (new refcount blocks first, then their table entries: {@link Refcounts#writeDirty}); (2) then
- * the L2 tables that publish the new clusters are written (and synced) and only then the L1 entries that point at new L2 tables; (3) only after that, refcount decrements of clusters whose
- * entries were removed are applied and written. A crash therefore leaks clusters at worst: an entry never points
+ * the L2 tables that publish the new clusters are written (and synced) and only then the L1 entries that point at
+ * new L2 tables; (3) only after that, refcount decrements of clusters whose entries were removed are applied and
+ * written. A crash therefore leaks clusters at worst: an entry never points
  * at a cluster whose refcount is not on disk, or whose data is not, and a freed cluster is never reused while a
  * durable entry still points at it.
  *
