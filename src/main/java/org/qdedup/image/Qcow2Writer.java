@@ -1350,12 +1350,7 @@ public final class Qcow2Writer {
                     // Nothing points at the bytes yet (a full disk, say): their references go back, so that the
                     // failed write leaks nothing.
                     compressedCursor = cursor;
-                    if (packedInto >= 0) {
-                        rc.add(packedInto, -1);
-                    }
-                    if (freshClusters > 0) {
-                        rc.free(freshStart, freshClusters);
-                    }
+                    giveBackCompressedBytes(host, comp.length);
                     throw e;
                 }
                 releaseFor(old, pos);
@@ -1376,38 +1371,41 @@ public final class Qcow2Writer {
      */
     private long allocateCompressedBytes(int len) throws IOException {
         long cur = compressedCursor;
-        packedInto = -1;
-        freshClusters = 0;
         if (cur != 0 && cur % cs != 0) {
             long room = cs - cur % cs;
             if (len <= room) {
                 rc.add(cur / cs, 1);
-                packedInto = cur / cs;
                 compressedCursor = cur + len;
                 return cur;
             }
             // Run on into the clusters right after it when they are free, as QEMU packs compressed data.
             int more = (int) ((len - room + cs - 1) / cs);
             if (rc.allocateAt(cur / cs + 1, more)) {
-                freshStart = (cur / cs + 1) * cs;
-                freshClusters = more;
                 rc.add(cur / cs, 1);
-                packedInto = cur / cs;
                 compressedCursor = cur + len;
                 return cur;
             }
         }
         int n = (int) ((len + cs - 1) / cs);
         long off = rc.allocate(n);
-        freshStart = off;
-        freshClusters = n;
         compressedCursor = off + len;
         return off;
     }
 
-    /** What the last {@link #allocateCompressedBytes} took: a reference to a packed cluster, fresh clusters. */
-    private long packedInto = -1, freshStart;
-    private int freshClusters;
+    /**
+     * Undoes {@link #allocateCompressedBytes} for bytes at {@code host}: bytes starting inside a cluster were packed
+     * after other compressed data there (that cluster gave one more reference); the clusters after it, or all of
+     * them when {@code host} starts a cluster, were taken fresh.
+     */
+    private void giveBackCompressedBytes(long host, int len) throws IOException {
+        long first = host / cs, last = (host + len - 1) / cs;
+        if (host % cs != 0) {
+            rc.add(first++, -1);
+        }
+        if (last >= first) {
+            rc.free(first * cs, (int) (last - first + 1));
+        }
+    }
 
     // ---- metadata write-back ---------------------------------------------------------------------------------
 

@@ -189,7 +189,7 @@ public final class NbdServer implements AutoCloseable {
     }
 
     /** READs of at least this many bytes go from the file to the socket by sendfile; smaller ones are copied and gathered. */
-    static final int DIRECT_READ_MIN = Integer.getInteger("qdedup.nbd.directReadMin", 64 << 10);
+    static final int DIRECT_READ_MIN = 64 << 10;
 
     /** Bytes of requests read from the socket at once; WRITEs up to about this size run from it in place. */
     static final int IN_BUFFER = 1 << 20;
