@@ -135,6 +135,16 @@ public final class DedupIndex {
         }
     }
 
+    /** Every entry, in ascending order of host cluster (the order the index file keeps), without sorting. */
+    public void forEachByCluster(EntryConsumer c) {
+        int[] map = slotOf;
+        for (int cluster = 0; cluster < map.length; cluster++) {
+            if (map[cluster] != 0) {
+                c.accept(fragOf(slots[map[cluster] - 1]), cluster);
+            }
+        }
+    }
+
     private void insert(long entry) {
         int i = home(fragOf(entry));
         while (slots[i] != EMPTY) {

@@ -269,10 +269,12 @@ public final class Qcow2Writer {
 
     /** After a clean close: marks the header in sync with a new generation, then writes the index file. */
     private void persistDedupIndex(Header clean) throws IOException {
+        // Any generation no index file has will do: a random one, never 0 or the one before. (SecureRandom would
+        // read the JDK's security configuration first: 10-15 ms at every close.)
         long gen;
         do {
-            gen = new java.security.SecureRandom().nextLong();
-        } while (gen == 0);
+            gen = java.util.concurrent.ThreadLocalRandom.current().nextLong();
+        } while (gen == 0 || gen == clean.dedupGeneration());
         Header nh = clean.withAutoclear(clean.autoclearFeatures() | Features.AUTOCLEAR_DEDUP_INDEX)
                 .withExtension(Header.dedupExtension(clean.dedupHeadroom(), gen));
         if (nh.encodedLength() > cs) {
