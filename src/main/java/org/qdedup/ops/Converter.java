@@ -25,6 +25,16 @@ public final class Converter {
         default int granularity() {
             return SPARSE;
         }
+
+        /**
+         * Writes {@code n} runs of a chunk: {@code runs[2k]} and {@code runs[2k + 1]} are the start and end of run k
+         * in {@code buf}, which holds the bytes at {@code pos}.
+         */
+        default void writeRuns(ByteBuffer buf, long pos, int[] runs, int n) throws IOException {
+            for (int k = 0; k < n; k++) {
+                write(buf.slice(runs[2 * k], runs[2 * k + 1] - runs[2 * k]), pos + runs[2 * k]);
+            }
+        }
     }
 
     /** A raw file target: zeros become holes where the file system can punch them. */
@@ -38,6 +48,20 @@ public final class Converter {
                 writeLock.lock();
                 try {
                     f.write(src, pos);
+                } finally {
+                    writeLock.unlock();
+                }
+            }
+
+            @Override
+            public void writeRuns(ByteBuffer buf, long pos, int[] runs, int n) throws IOException {
+                // The lock once per chunk: a chunk of mixed data and zeros has hundreds of runs, and handing the lock
+                // over between workers for each cost a futex call on both sides.
+                writeLock.lock();
+                try {
+                    for (int k = 0; k < n; k++) {
+                        f.write(buf.slice(runs[2 * k], runs[2 * k + 1] - runs[2 * k]), pos + runs[2 * k]);
+                    }
                 } finally {
                     writeLock.unlock();
                 }
@@ -164,6 +188,8 @@ public final class Converter {
         int n = buf.limit();
         int g = target.granularity();
         java.lang.foreign.MemorySegment seg = java.lang.foreign.MemorySegment.ofBuffer(buf.duplicate().position(0));
+        int[] runs = new int[2 * ((n + g - 1) / g / 2 + 1)];
+        int nRuns = 0;
         int runStart = -1;
         for (int off = 0; off < n; off += g) {
             int blk = Math.min(g, n - off);
@@ -171,12 +197,17 @@ public final class Converter {
             if (!zero && runStart < 0) {
                 runStart = off;
             } else if (zero && runStart >= 0) {
-                target.write(buf.slice(runStart, off - runStart), pos + runStart);
+                runs[2 * nRuns] = runStart;
+                runs[2 * nRuns++ + 1] = off;
                 runStart = -1;
             }
         }
         if (runStart >= 0) {
-            target.write(buf.slice(runStart, n - runStart), pos + runStart);
+            runs[2 * nRuns] = runStart;
+            runs[2 * nRuns++ + 1] = n;
+        }
+        if (nRuns > 0) {
+            target.writeRuns(buf, pos, runs, nRuns);
         }
     }
 
