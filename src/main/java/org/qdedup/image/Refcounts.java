@@ -165,8 +165,26 @@ public final class Refcounts {
         return off;
     }
 
+    /**
+     * The block {@link #block} returned last, and whether it is in {@link #dirty}: one cluster's refcount is read
+     * and set several times in a row, and each map lookup boxed its offset (under the metadata lock).
+     */
+    private long memoOff = -1;
+    private byte[] memoBlock;
+    private boolean memoDirty;
+
+    private void forgetMemo() {
+        memoOff = -1;
+        memoBlock = null;
+        memoDirty = false;
+    }
+
     private byte[] block(long off) throws IOException {
+        if (off == memoOff) {
+            return memoBlock;
+        }
         byte[] b = dirty.get(off);
+        boolean isDirty = b != null;
         if (b == null) {
             b = blocks.get(off);
         }
@@ -188,6 +206,9 @@ public final class Refcounts {
                 }
             }
         }
+        memoOff = off;
+        memoBlock = b;
+        memoDirty = isDirty;
         return b;
     }
 
@@ -227,7 +248,10 @@ public final class Refcounts {
         long off = blockOffset(cluster / perBlock);
         byte[] b = block(off);
         putEntry(b, (int) (cluster % perBlock), order, value);
-        dirty.put(off, b);
+        if (!memoDirty) { // block(off) just made off the memo
+            dirty.put(off, b);
+            memoDirty = true;
+        }
     }
 
     /** Adds {@code delta} to a cluster's refcount; creates the refcount block (and grows the table) if needed. */
@@ -285,6 +309,7 @@ public final class Refcounts {
      * succeeds, and until then a crash leaves the new blocks unreferenced (free space).
      */
     public void writeDirty() throws IOException {
+        memoDirty = false; // written blocks leave the dirty map (a failed write keeps some: a later put is harmless)
         for (var it = dirty.entrySet().iterator(); it.hasNext(); ) {
             Map.Entry<Long, byte[]> e = it.next();
             file.write(ByteBuffer.wrap(e.getValue()), e.getKey());
@@ -333,6 +358,7 @@ public final class Refcounts {
         guard(b, 1);
         long off = b << clusterBits;
         extendTo(off + clusterSize);
+        forgetMemo();
         blocks.put(off, blk);
         dirty.put(off, blk);
         if (!self) {
@@ -401,6 +427,7 @@ public final class Refcounts {
                 nt[(int) ti] = off;
                 blockClusters.add(off >> clusterBits);
                 byte[] blk = new byte[(int) clusterSize];
+                forgetMemo();
                 blocks.put(off, blk);
                 dirty.put(off, blk);
             }
