@@ -133,6 +133,8 @@ class DedupToolsTest {
             Object stats = Json.parse(FormatMatrixTest.cli("stats", "--output=json", img).ok().out());
             assertThat(num(stats, "saved-bytes")).as("saved at %d", cs).isEqualTo(num(est, k, "saved-bytes"));
             FormatMatrixTest.assertClean(dir, img);
+            Qemu.Result cmp = Qemu.imgRaw(dir, "compare", "-f", "qcow2", "-F", "raw", img, raw.toString());
+            assertThat(cmp.exit()).as("compare at %d: %s", cs, cmp.out()).isZero();
         }
         assertThat(num(est, 0, "saved-bytes")).as("the tree copied twice saves at 4 KiB").isGreaterThan(5L << 20);
     }
