@@ -190,7 +190,7 @@ class CliWriteTest {
 
     /** The contract's {@code qdedup COMMAND --help}: usage on stdout, exit 0, for every command. */
     @Test
-    void everyCommandPrintsItsUsageWithHelp() {
+    void everyCommandPrintsItsUsageWithHelp() throws Exception {
         for (String c : new String[]{"info", "map", "check", "compare", "convert", "create", "snapshot", "resize", "commit",
                 "rebase", "stats", "estimate", "dedup", "serve", "demo"}) {
             Run r = cli(c, "--help");
@@ -201,6 +201,19 @@ class CliWriteTest {
         assertThat(v.rc()).isZero();
         assertThat(v.out()).startsWith("qdedup ");
         assertThat(cli("help", "convert").out()).startsWith("Usage: qdedup convert");
+        // The help options come only where an argument may ask for them: each way of asking must still find them.
+        assertThat(cli("-V").out()).startsWith("qdedup ");
+        assertThat(cli("--help").out()).startsWith("Usage: qdedup").contains("convert");
+        assertThat(cli("info", "-h").out()).startsWith("Usage: qdedup info");
+        assertThat(cli("info", "-V").out()).startsWith("qdedup ");
+        assertThat(cli("info", "--version").out()).startsWith("qdedup ");
+        assertThat(cli("info", "-Uh").out()).startsWith("Usage: qdedup info");
+        Path argFile = dir.resolve("help.args");
+        Files.writeString(argFile, "--help\n");
+        assertThat(cli("info", "@" + argFile).out()).startsWith("Usage: qdedup info");
+        Run missing = cli("info");
+        assertThat(missing.rc()).isNotZero();
+        assertThat(missing.err()).contains("Missing required parameter");
     }
 
     @Test

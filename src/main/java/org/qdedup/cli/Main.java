@@ -9,7 +9,7 @@ import picocli.CommandLine;
 import picocli.CommandLine.Command;
 
 /** The qdedup command line: a thin layer over the library, qemu-img's names, flags, keys and exit codes. */
-@Command(name = "qdedup", mixinStandardHelpOptions = true, versionProvider = Main.Version.class,
+@Command(name = "qdedup", versionProvider = Main.Version.class,
         description = "QCOW2 images with online deduplication.")
 public final class Main implements Runnable {
     /** Every command, in the order --help lists them. */
@@ -90,28 +90,45 @@ public final class Main implements Runnable {
     /**
      * Registers the one command the arguments name, or all of them when they name none (help, a typo): picocli
      * builds a command's model by reflection over old-format classes the JVM cannot archive, which is most of the
-     * start-up time when done for every command.
+     * start-up time when done for every command. The help and version options (a mixin, more reflection: about
+     * 10 ms of a cold start) come only where the arguments may ask for them.
      */
     private static void addCommands(CommandLine cl, String[] args) {
         String first = args.length > 0 ? args[0] : "";
         for (Class<?> c : COMMANDS) {
             Command a = c.getAnnotation(Command.class);
             if (a.name().equals(first) && !first.equals("help")) {
-                addCommand(cl, c);
+                addCommand(cl, c, mayAskForHelp(args));
                 return;
             }
         }
+        cl.getCommandSpec().mixinStandardHelpOptions(true); // "qdedup --help", "qdedup -V"
         for (Class<?> c : COMMANDS) {
-            addCommand(cl, c);
+            addCommand(cl, c, true);
         }
     }
 
-    /** Adds a command with -h/--help and -V/--version of its own ("qdedup COMMAND --help", as the contract has it). */
-    private static void addCommand(CommandLine cl, Class<?> c) {
+    /**
+     * Whether an argument may be -h, --help, -V or --version: those, a cluster of short options holding h or V, or
+     * an @file (picocli reads arguments from it). A false positive only costs the start-up time saved otherwise.
+     */
+    static boolean mayAskForHelp(String[] args) {
+        for (String a : args) {
+            if (a.equals("--help") || a.equals("--version") || a.startsWith("@")
+                    || (a.startsWith("-") && !a.startsWith("--") && (a.indexOf('h') > 0 || a.indexOf('V') > 0))) {
+                return true;
+            }
+        }
+        return false;
+    }
+
+    /** Adds a command, with -h/--help and -V/--version of its own ("qdedup COMMAND --help", as the contract has it). */
+    private static void addCommand(CommandLine cl, Class<?> c, boolean helpOptions) {
         cl.addSubcommand(c);
-        if (c != CommandLine.HelpCommand.class) {
+        if (c != CommandLine.HelpCommand.class && helpOptions) {
             CommandLine sub = cl.getSubcommands().get(c.getAnnotation(Command.class).name());
             sub.getCommandSpec().mixinStandardHelpOptions(true);
+            sub.getCommandSpec().versionProvider(new Version()); // else "qdedup info -V" printed nothing
         }
     }
 
