@@ -193,6 +193,20 @@ class DedupPersistenceTest {
             assertThat(q.writer().dedupIndexSource()).contains("scan of the image").contains("dedup index checksum");
             assertThat(q.writer().dedupCounters().hits).isEqualTo(1);
         }
+        // 1b. what a power cut can leave of an index file that is not synced: cut short, or empty
+        byte[] whole = Files.readAllBytes(indexFile());
+        Files.write(indexFile(), java.util.Arrays.copyOf(whole, whole.length - 6));
+        try (Qcow2Image q = Images.openWritable(img(), OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(a), 6 * CS);
+            assertThat(q.writer().dedupIndexSource()).contains("scan of the image").contains("dedup index entry count");
+            assertThat(q.writer().dedupCounters().hits).isEqualTo(1);
+        }
+        Files.write(indexFile(), new byte[0]);
+        try (Qcow2Image q = Images.openWritable(img(), OpenOptions.defaults())) {
+            q.write(ByteBuffer.wrap(a), 7 * CS);
+            assertThat(q.writer().dedupIndexSource()).contains("scan of the image").contains("dedup index header");
+            assertThat(q.writer().dedupCounters().hits).isEqualTo(1);
+        }
         // 2. missing
         Files.delete(indexFile());
         try (Qcow2Image q = Images.openWritable(img(), OpenOptions.defaults())) {
