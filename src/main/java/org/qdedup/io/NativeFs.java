@@ -86,11 +86,15 @@ public final class NativeFs {
         AVAILABLE = ok;
     }
 
-    /** One system call with up to four arguments; returns its result, or -errno when it fails. */
+    /** One system call with up to four arguments, again while interrupted; returns its result, or -errno. */
     private static long sys(long nr, long a, long b, long c, long d) throws Throwable {
         MemorySegment state = CALL_STATE.get();
-        long r = (long) SYSCALL.invokeExact(state, nr, a, b, c, d);
-        return r == -1 ? -(int) ERRNO.get(state, 0L) : r;
+        long r;
+        do {
+            r = (long) SYSCALL.invokeExact(state, nr, a, b, c, d);
+            r = r == -1 ? -(int) ERRNO.get(state, 0L) : r;
+        } while (r == -EINTR);
+        return r;
     }
 
     private NativeFs() {
@@ -237,11 +241,7 @@ public final class NativeFs {
 
         private long call(String what, long nr, long a, long b, long c, long d) throws IOException {
             try {
-                long r;
-                do {
-                    r = sys(nr, a, b, c, d);
-                } while (r == -EINTR);
-                return r;
+                return sys(nr, a, b, c, d);
             } catch (Throwable t) {
                 throw new IOException(name + ": " + what + " failed: " + t, t);
             }
@@ -264,10 +264,7 @@ public final class NativeFs {
         }
         try (Arena arena = Arena.ofConfined()) {
             MemorySegment p = arena.allocateFrom(path.toString());
-            long fd;
-            do {
-                fd = sys(SYS_OPENAT, AT_FDCWD, p.address(), (write ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0);
-            } while (fd == -EINTR);
+            long fd = sys(SYS_OPENAT, AT_FDCWD, p.address(), (write ? O_RDWR : O_RDONLY) | O_CLOEXEC, 0);
             if (fd < 0) {
                 throw new IOException(path + ": open failed: errno " + -fd);
             }

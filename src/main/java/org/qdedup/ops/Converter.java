@@ -59,9 +59,7 @@ public final class Converter {
                 // over between workers for each cost a futex call on both sides.
                 writeLock.lock();
                 try {
-                    for (int k = 0; k < n; k++) {
-                        f.write(buf.slice(runs[2 * k], runs[2 * k + 1] - runs[2 * k]), pos + runs[2 * k]);
-                    }
+                    Target.super.writeRuns(buf, pos, runs, n); // each write() below takes the held lock again
                 } finally {
                     writeLock.unlock();
                 }
