@@ -404,6 +404,54 @@ class CliWriteTest {
         }
     }
 
+    /**
+     * Sources that are not in the page cache (written by qemu-img and qemu-io with -t none, that is O_DIRECT) convert
+     * to the same bytes, and convert reads their bulk around the cache: their pages are not left cached afterwards.
+     * 64 KiB clusters in order; 4 KiB clusters between L2 tables, zero clusters and later writes placed at the end of
+     * the file out of guest order, which gathered reads must skip, fill or leave to the plain path.
+     */
+    @ParameterizedTest
+    @ValueSource(strings = {"65536", "4096"})
+    void convertOfAnUncachedSourceMatchesAndLeavesItUncached(String clusterSize) throws Exception {
+        String raw = p("u.raw");
+        try (RandomAccessFile f = new RandomAccessFile(raw, "rw")) {
+            f.setLength(64L << 20);
+            byte[] b = new byte[12 << 20];
+            new Random(9).nextBytes(b);
+            for (int i = 0; i < b.length; i += 64 << 10) {
+                java.util.Arrays.fill(b, i + (16 << 10), i + (24 << 10), (byte) 0); // zero clusters inside the data
+            }
+            f.seek(3 << 20);
+            f.write(b);
+            f.seek((40L << 20) + 4096 * 3 + 17); // an unaligned stretch
+            f.write(b, 0, 5 << 20);
+        }
+        Qemu.Result made = Qemu.imgRaw(dir, "convert", "-t", "none", "-O", "qcow2", "-o", "cluster_size=" + clusterSize,
+                raw, "u.qcow2");
+        org.junit.jupiter.api.Assumptions.assumeTrue(made.exit() == 0, "the temp file system refuses O_DIRECT: " + made);
+        // Later writes into zero clusters: allocated at the end of the file, out of guest order.
+        List<String> later = new java.util.ArrayList<>();
+        for (long off = (12L << 20) + (16 << 10); off > 3 << 20; off -= 1 << 20) {
+            later.add("write -P 0x" + Integer.toHexString((int) (off >> 20) + 16) + " " + off + " 8k");
+        }
+        Qemu.io(dir, "none", "qcow2", p("u.qcow2"), later);
+        Qemu.img(dir, "convert", "-O", "raw", "u.qcow2", "expected.raw");
+        PageCache.evict(dir.resolve("u.qcow2")); // qemu-img read it just now
+        long fileBytes = Files.size(dir.resolve("u.qcow2"));
+        try (org.qdedup.io.NativeFs.Fd probe = org.qdedup.io.NativeFs.open(dir.resolve("u.qcow2"), false)) {
+            org.junit.jupiter.api.Assumptions.assumeTrue(probe != null && probe.cachedPages(0, fileBytes) >= 0,
+                    "cachestat(2) needs Linux 6.5");
+            assertThat(probe.cachedPages(0, fileBytes) * 4096).as("source bytes cached before").isLessThan(fileBytes / 8);
+        }
+        cli("convert", "-O", "raw", p("u.qcow2"), p("u-out.raw")).ok();
+        try (org.qdedup.io.NativeFs.Fd probe = org.qdedup.io.NativeFs.open(dir.resolve("u.qcow2"), false)) {
+            assertThat(probe.cachedPages(0, fileBytes) * 4096).as("source bytes cached after convert")
+                    .isLessThan(fileBytes / 4);
+        }
+        assertThat(Files.mismatch(dir.resolve("expected.raw"), dir.resolve("u-out.raw"))).isEqualTo(-1);
+        assertThat(Qemu.imgRaw(dir, "compare", "-f", "qcow2", "-F", "raw", "u.qcow2", "u-out.raw").exit()).isZero();
+    }
+
     @Test
     void convertOptionsAndCacheModes() throws Exception {
         String raw = p("r.raw");

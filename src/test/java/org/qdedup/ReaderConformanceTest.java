@@ -806,6 +806,8 @@ class ReaderConformanceTest {
             }
             tests.add(dynamicTest("extra: map (human)", () -> checkText(b, "map")));
             tests.add(dynamicTest("extra: info (human)", () -> checkText(b, "info")));
+            // Last: it rewrites the image's files.
+            tests.add(dynamicTest("convert -O raw, image files out of the page cache", () -> checkConvertCold(b)));
             return dynamicContainer(v.name(), tests);
         });
     }
@@ -841,6 +843,26 @@ class ReaderConformanceTest {
                     mismatch, refSize != outSize ? " (sizes " + refSize + " vs ours " + outSize + ")" : "",
                     bytesAt(ref, mismatch), bytesAt(out, mismatch));
         }
+    }
+
+    /**
+     * The same convert once every file of the image (backing and data files too) is out of the page cache: convert
+     * then reads around the cache in large gathered reads, a path the warm convert above does not take.
+     */
+    static void checkConvertCold(Built b) throws Throwable {
+        String img = b.image();
+        refRaw(b, null);
+        try (Stream<Path> files = Files.list(b.dir)) {
+            for (Path f : files.toList()) {
+                String n = f.getFileName().toString();
+                if (Files.isRegularFile(f, java.nio.file.LinkOption.NOFOLLOW_LINKS) && !n.startsWith("ref")
+                        && !n.startsWith("ours")) {
+                    PageCache.evict(f);
+                }
+            }
+        }
+        Files.move(b.dir.resolve("ours.raw"), b.dir.resolve("ours-warm.raw"), java.nio.file.StandardCopyOption.REPLACE_EXISTING);
+        checkConvert(b, null);
     }
 
     static String bytesAt(String file, long off) throws IOException {

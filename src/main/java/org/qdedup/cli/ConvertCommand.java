@@ -140,6 +140,18 @@ final class ConvertCommand implements Callable<Integer> {
         return cache.equals("none") || cache.equals("directsync");
     }
 
+    /** Every file of the source chain reads its uncached bulk around the page cache: convert reads it only once. */
+    private static void directReadsWhenUncached(BlockDevice source) {
+        for (BlockDevice d = source; d != null; d = d.backing()) {
+            if (d.file() instanceof FileBlockFile f) {
+                f.directReadsWhenUncached();
+            }
+            if (d instanceof Qcow2Image q && q.dataFile() instanceof FileBlockFile f) {
+                f.directReadsWhenUncached();
+            }
+        }
+    }
+
     @Override
     public Integer call() throws Exception {
         if (noCreate && options != null) {
@@ -177,6 +189,7 @@ final class ConvertCommand implements Callable<Integer> {
             if (Files.exists(dp) && Files.isSameFile(dp, Path.of(src))) {
                 throw new CliException(dst + ": target is the source image");
             }
+            directReadsWhenUncached(source);
             Progress p = progress ? new Progress(Context.err(), source.size()) : Progress.none();
             if (outFormat.equals("raw")) {
                 toRaw(source, dp, p);

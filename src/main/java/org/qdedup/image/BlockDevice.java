@@ -52,6 +52,14 @@ public interface BlockDevice extends Closeable {
     /** The host file holding this layer's metadata (and its data unless it has a data file). */
     BlockFile file();
 
+    /**
+     * Whether bulk readers should read in few large pieces, holes and all: this layer's data is read around the page
+     * cache (see {@link BlockFile#readsAroundCache}), where no readahead joins small reads.
+     */
+    default boolean prefersLargeReads() {
+        return file().readsAroundCache();
+    }
+
     /** Bytes the host allocated for this layer's files (info's actual-size). */
     long allocatedBytes() throws IOException;
 }

@@ -116,6 +116,11 @@ public final class Qcow2Image implements WritableDevice {
     }
 
     @Override
+    public boolean prefersLargeReads() {
+        return dataFile.readsAroundCache();
+    }
+
+    @Override
     public BlockFile file() {
         return file;
     }
@@ -316,13 +321,78 @@ public final class Qcow2Image implements WritableDevice {
     /** Guest read for a caller holding {@link #ioGate}; maps under the metadata lock, transfers data outside it. */
     void readLocked(ByteBuffer dst, long offset) throws IOException {
         long pos = offset;
+        boolean gather = dst.remaining() >= org.qdedup.io.FileBlockFile.DIRECT_MIN && dataFile.readsAroundCache();
         while (dst.hasRemaining()) {
             Mapping m = mapLocked(pos, dst.remaining());
             int n = (int) m.length();
-            transfer(m, dst.slice(dst.position(), n), pos);
+            if (gather && m.type() == SubclusterType.NORMAL && n < org.qdedup.io.FileBlockFile.DIRECT_MIN) {
+                n = readGathered(dst, pos, m);
+            } else {
+                transfer(m, dst.slice(dst.position(), n), pos);
+            }
             dst.position(dst.position() + n);
             pos += n;
         }
+    }
+
+    /** Largest stretch of the data file one gathered read covers, and the largest unwanted gap it reads over. */
+    private static final int GATHER_SPAN = 4 << 20, GATHER_GAP = 64 << 10;
+    private static final ThreadLocal<ByteBuffer> GATHER_BUFFER = new ThreadLocal<>();
+
+    /**
+     * Reads a run of small data pieces that lie close together and in order in the data file (a fragmented image,
+     * small clusters between L2 tables, data between zero clusters) with one read of the stretch that holds them,
+     * when that file is read around the page cache: there no readahead joins them, and one small direct read each
+     * would wait on the disk each time. Zero clusters met on the way (and unallocated ones without a backing file)
+     * are filled in place. Returns the guest bytes
+     * of {@code dst} (from its position, at guest offset {@code pos}) it filled.
+     */
+    private int readGathered(ByteBuffer dst, long pos, Mapping first) throws IOException {
+        int base = dst.position(), end = dst.limit();
+        long spanStart = first.hostOffset(), spanEnd = spanStart + first.length();
+        long[] runs = new long[3 * 16]; // (offset in dst, host offset, length) per piece
+        int nRuns = 0;
+        runs[nRuns++] = base;
+        runs[nRuns++] = spanStart;
+        runs[nRuns++] = first.length();
+        int at = base + (int) first.length();
+        while (at < end) {
+            Mapping m = mapLocked(pos + at - base, end - at);
+            int n = (int) m.length();
+            SubclusterType t = m.type();
+            if (t == SubclusterType.ZERO_PLAIN || t == SubclusterType.ZERO_ALLOC || (backing == null
+                    && (t == SubclusterType.UNALLOCATED_PLAIN || t == SubclusterType.UNALLOCATED_ALLOC))) {
+                zero(dst.slice(at, n));
+            } else if (t == SubclusterType.NORMAL && n < org.qdedup.io.FileBlockFile.DIRECT_MIN
+                    && m.hostOffset() >= spanEnd && m.hostOffset() - spanEnd <= GATHER_GAP
+                    && m.hostOffset() + n - spanStart <= GATHER_SPAN) {
+                if (nRuns + 3 > runs.length) {
+                    runs = java.util.Arrays.copyOf(runs, nRuns * 2);
+                }
+                runs[nRuns++] = at;
+                runs[nRuns++] = m.hostOffset();
+                runs[nRuns++] = n;
+                spanEnd = m.hostOffset() + n;
+            } else {
+                break; // the caller maps this piece again and reads it its own way
+            }
+            at += n;
+        }
+        if (nRuns == 3) {
+            dataFile.readFully(dst.slice(base, (int) first.length()), spanStart);
+            return at - base;
+        }
+        int need = (int) (spanEnd - spanStart);
+        ByteBuffer span = GATHER_BUFFER.get();
+        if (span == null || span.capacity() < need) {
+            span = org.qdedup.io.Buffers.direct((need + (1 << 20) - 1) & -(1 << 20)); // as large as used: fresh memory costs
+            GATHER_BUFFER.set(span);
+        }
+        dataFile.readFully(span.clear().limit(need), spanStart);
+        for (int i = 0; i < nRuns; i += 3) {
+            dst.put((int) runs[i], span, (int) (runs[i + 1] - spanStart), (int) runs[i + 2]);
+        }
+        return at - base;
     }
 
     /** Fills {@code part} (at most the mapping's length) with the guest bytes at {@code pos} that {@code m} maps. */
@@ -375,9 +445,7 @@ public final class Qcow2Image implements WritableDevice {
         if (b.hasArray()) {
             java.util.Arrays.fill(b.array(), b.arrayOffset() + b.position(), b.arrayOffset() + b.limit(), (byte) 0);
         } else {
-            for (int i = b.position(); i < b.limit(); i++) {
-                b.put(i, (byte) 0);
-            }
+            java.lang.foreign.MemorySegment.ofBuffer(b).fill((byte) 0); // one memset, not a loop of puts
         }
     }
 

@@ -140,9 +140,86 @@ public final class FileBlockFile implements BlockFile {
         return channel.size();
     }
 
-    /** Writes at least this long may go around the page cache (see {@link #directWritesWhenLarge}). */
-    static final int DIRECT_MIN = 256 << 10;
+    /**
+     * Reads and writes at least this long may go around the page cache (see {@link #directReadsWhenUncached} and
+     * {@link #directWritesWhenLarge}).
+     */
+    public static final int DIRECT_MIN = 256 << 10;
     private int directAlign;
+
+    private volatile FileChannel directReadChannel;
+
+    /**
+     * For one-shot bulk readers (convert): when less than half of the file is in the page cache, large aligned reads
+     * go to the disk directly (O_DIRECT) into the caller's buffer from now on. Such a read is copied once and never
+     * again, so the page cache would only add a copy and fresh pages; on a VM whose free memory goes back to the host,
+     * each fresh page also costs a fault on the host (see bench/README.md). The choice is made once for the whole file:
+     * asked range by range, the kernel's readahead (8 MiB here) after small buffered reads (L2 tables) ran ahead of
+     * the direct reads, made the next ranges "cached" and turned the rest of the file buffered. Small reads stay
+     * buffered but without readahead (POSIX_FADV_RANDOM on qdedup's own descriptor). Kernels without cachestat(2) and
+     * file systems without O_DIRECT read as before, and a failing direct read falls back; O_DIRECT reads see dirty
+     * cached pages too (the kernel writes them back first).
+     */
+    public void directReadsWhenUncached() {
+        if (fd == null || directReadChannel != null) {
+            return;
+        }
+        try {
+            long size = channel.size();
+            long cached = fd.cachedPages(0, size);
+            int block = directBlockSize();
+            if (cached < 0 || cached * 2 >= (size + Buffers.PAGE - 1) / Buffers.PAGE || block == 0) {
+                return;
+            }
+            directAlign = block;
+            directReadChannel = FileChannel.open(path, StandardOpenOption.READ, com.sun.nio.file.ExtendedOpenOption.DIRECT);
+            fd.adviseRandom();
+        } catch (IOException | UnsupportedOperationException e) {
+            directReadChannel = null; // e.g. tmpfs refuses O_DIRECT: buffered reads it is
+        }
+    }
+
+    @Override
+    public boolean readsAroundCache() {
+        return directReadChannel != null;
+    }
+
+    /** Reads the aligned head of a large read with O_DIRECT; returns the bytes read that way (maybe 0). */
+    private int readDirect(FileChannel direct, ByteBuffer dst, long pos) throws IOException {
+        int align = directAlign;
+        ByteBuffer part = directPart(dst, pos);
+        if (part == null) {
+            return 0;
+        }
+        int done = 0;
+        try {
+            while (part.hasRemaining()) {
+                int n = direct.read(part, pos + done);
+                if (n <= 0) {
+                    break;
+                }
+                done += n;
+                if ((done & (align - 1)) != 0) {
+                    break; // the end of the file inside a block: the buffered read after this finds the end too
+                }
+            }
+        } catch (IOException e) {
+            // A file system may want other alignment than it reports: buffered reads from here on (and any real
+            // error, such as EIO, is met again there).
+            directReadChannel = null;
+            direct.close();
+        }
+        dst.position(dst.position() + done);
+        directBytesRead.addAndGet(done);
+        return done;
+    }
+
+    private final java.util.concurrent.atomic.AtomicLong directBytesRead = new java.util.concurrent.atomic.AtomicLong();
+
+    /** Bytes read with O_DIRECT so far (for tests). */
+    long directBytesRead() {
+        return directBytesRead.get();
+    }
 
     private volatile FileChannel directWriteChannel;
 
@@ -174,15 +251,23 @@ public final class FileBlockFile implements BlockFile {
         return block < 512 || block > 65536 || Long.bitCount(block) != 1 ? 0 : (int) block;
     }
 
+    /** The head of {@code b} that O_DIRECT can move at {@code pos} (whole blocks, aligned), or null if too small. */
+    private ByteBuffer directPart(ByteBuffer b, long pos) {
+        int align = directAlign;
+        int len = b.remaining() & -align;
+        if (len < DIRECT_MIN || (pos & (align - 1)) != 0
+                || (java.lang.foreign.MemorySegment.ofBuffer(b).address() & (align - 1)) != 0) {
+            return null;
+        }
+        return b.slice(b.position(), len);
+    }
+
     /** Writes the aligned head of a large write with O_DIRECT; returns the bytes written that way (maybe 0). */
     private int writeDirect(FileChannel direct, ByteBuffer src, long pos) throws IOException {
-        int align = directAlign;
-        int len = src.remaining() & -align;
-        if (len < DIRECT_MIN || (pos & (align - 1)) != 0
-                || (java.lang.foreign.MemorySegment.ofBuffer(src).address() & (align - 1)) != 0) {
+        ByteBuffer part = directPart(src, pos);
+        if (part == null) {
             return 0;
         }
-        ByteBuffer part = src.slice(src.position(), len);
         int done = 0;
         try {
             while (part.hasRemaining()) {
@@ -235,6 +320,20 @@ public final class FileBlockFile implements BlockFile {
             return readViaBounce(dst, pos);
         }
         int total = 0;
+        FileChannel direct = directReadChannel;
+        if (direct != null) {
+            if (dst.remaining() >= DIRECT_MIN) {
+                total = readDirect(direct, dst, pos);
+            }
+            if (dst.hasRemaining()) {
+                // Small and unaligned pieces (L2 tables, lone clusters) through the descriptor advised random: a
+                // readahead of megabytes after each would read again what the direct reads fetch.
+                long n = fd.pread(java.lang.foreign.MemorySegment.ofBuffer(dst), pos + total);
+                dst.position(dst.position() + (int) n);
+                total += (int) n;
+            }
+            return total;
+        }
         while (dst.hasRemaining()) {
             int n = channel.read(dst, pos + total);
             if (n < 0) {
@@ -379,9 +478,9 @@ public final class FileBlockFile implements BlockFile {
 
     @Override
     public void close() throws IOException {
-        FileChannel direct = directWriteChannel;
-        try (FileChannel c = channel; FileChannel d = direct) {
-            // both closed, the data channel first
+        FileChannel direct = directWriteChannel, directRead = directReadChannel;
+        try (FileChannel c = channel; FileChannel d = direct; FileChannel r = directRead) {
+            // all closed, the data channel first
         } finally {
             if (fd != null) {
                 fd.close();

@@ -73,6 +73,11 @@ public abstract class ForwardingBlockFile implements BlockFile {
     }
 
     @Override
+    public boolean readsAroundCache() {
+        return inner.readsAroundCache();
+    }
+
+    @Override
     public void close() throws IOException {
         inner.close();
     }

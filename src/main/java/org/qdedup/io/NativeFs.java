@@ -14,7 +14,7 @@ import java.nio.file.Path;
 
 /**
  * The few file system calls the JDK lacks, through {@code java.lang.foreign}: SEEK_DATA/SEEK_HOLE, st_blocks, hole
- * punching, QEMU's lock bytes, write-back hints and fsync. Linux on x86_64 and aarch64 only; elsewhere the methods
+ * punching, QEMU's lock bytes, write-back hints, page-cache residency (cachestat) and fsync. Linux on x86_64 and aarch64 only; elsewhere the methods
  * report "all data" and "not supported".
  */
 public final class NativeFs {
@@ -43,9 +43,12 @@ public final class NativeFs {
      */
     private static final ThreadLocal<MemorySegment> CALL_STATE = ThreadLocal.withInitial(() -> Arena.ofAuto().allocate(CAPTURE));
     private static final boolean AVAILABLE;
-    /** System call numbers: x86_64 and aarch64 (asm-generic). */
+    /** System call numbers: x86_64 and aarch64 (asm-generic); cachestat is 451 on both (Linux 6.5 and later). */
     private static final long SYS_OPENAT, SYS_CLOSE, SYS_LSEEK, SYS_FSTAT, SYS_FALLOCATE, SYS_FCNTL, SYS_SYNC_FILE_RANGE,
-            SYS_FSYNC, SYS_PREAD64;
+            SYS_FSYNC, SYS_PREAD64, SYS_FADVISE64, SYS_CACHESTAT = 451;
+    private static final int POSIX_FADV_RANDOM = 1;
+    /** struct cachestat_range (off, len) then struct cachestat (nr_cache, nr_dirty, ...: five u64), per thread. */
+    private static final ThreadLocal<MemorySegment> CACHESTAT = ThreadLocal.withInitial(() -> Arena.ofAuto().allocate(16 + 40, 8));
     private static final long AT_FDCWD = -100;
     private static final int F_OFD_GETLK = 36;
     private static final int F_OFD_SETLK = 37;
@@ -68,6 +71,7 @@ public final class NativeFs {
         SYS_SYNC_FILE_RANGE = x86 ? 277 : 84;
         SYS_FSYNC = x86 ? 74 : 82;
         SYS_PREAD64 = x86 ? 17 : 67;
+        SYS_FADVISE64 = x86 ? 221 : 223;
         MethodHandle syscall = null;
         boolean ok = false;
         try {
@@ -174,6 +178,34 @@ public final class NativeFs {
                 call("sync_file_range", SYS_SYNC_FILE_RANGE, fd, offset, length, SYNC_FILE_RANGE_WRITE);
             } catch (IOException e) {
                 // a hint: the final fsync does the real work
+            }
+        }
+
+        /**
+         * Pages of {@code [offset, offset + length)} in the page cache, found without touching them or starting any
+         * I/O (cachestat(2)), or -1 where the kernel lacks the call (before Linux 6.5) or refuses it.
+         */
+        public long cachedPages(long offset, long length) {
+            MemorySegment m = CACHESTAT.get();
+            m.set(ValueLayout.JAVA_LONG, 0, offset);
+            m.set(ValueLayout.JAVA_LONG, 8, length);
+            try {
+                long r = sys(SYS_CACHESTAT, fd, m.address(), m.address() + 16, 0);
+                return r == 0 ? m.get(ValueLayout.JAVA_LONG, 16) : -1;
+            } catch (Throwable t) {
+                return -1;
+            }
+        }
+
+        /**
+         * Tells the kernel that reads through this descriptor are random (posix_fadvise POSIX_FADV_RANDOM): no
+         * readahead. A hint; ignored where refused.
+         */
+        public void adviseRandom() {
+            try {
+                sys(SYS_FADVISE64, fd, 0, 0, POSIX_FADV_RANDOM);
+            } catch (Throwable t) {
+                // a hint only
             }
         }
 

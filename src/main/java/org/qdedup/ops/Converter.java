@@ -156,6 +156,10 @@ public final class Converter {
 
     private static void copyChunk(BlockDevice src, Target target, boolean fresh, long start, long end, ByteBuffer buf)
             throws IOException {
+        if (fresh && src.prefersLargeReads()) {
+            copySpan(src, target, start, end, buf);
+            return;
+        }
         long pos = start;
         while (pos < end) {
             ChainStatus.Entry e = ChainStatus.entry(src, pos, end - pos);
@@ -174,6 +178,54 @@ public final class Converter {
                 writeNonZero(target, buf, pos, fresh);
             }
             pos += len;
+        }
+    }
+
+    /**
+     * Copies a chunk of a source read around the page cache into a fresh target. When the chunk's data lies in
+     * several extents, some of them small (small files on ext4, data between zero clusters), the stretch from the
+     * first to the last data byte is read in one read: one small direct read per extent would wait on the disk each
+     * time. Only the data extents are then scanned and written; the zeros between them are left out unread.
+     */
+    private static void copySpan(BlockDevice src, Target target, long start, long end, ByteBuffer buf) throws IOException {
+        long[] data = new long[2 * 8]; // (offset, length) of each data extent, neighbours merged
+        int n = 0;
+        boolean small = false;
+        for (long pos = start; pos < end; ) {
+            ChainStatus.Entry e = ChainStatus.entry(src, pos, end - pos);
+            long len = e.length();
+            if (len <= 0) {
+                throw new IOException(src.name() + ": block status made no progress at offset " + pos);
+            }
+            if (!e.zero()) {
+                if (n > 0 && data[n - 2] + data[n - 1] == pos) {
+                    data[n - 1] += len;
+                } else {
+                    if (n == data.length) {
+                        data = java.util.Arrays.copyOf(data, 2 * n);
+                    }
+                    data[n++] = pos;
+                    data[n++] = len;
+                }
+            }
+            pos += len;
+        }
+        for (int i = 0; i < n; i += 2) {
+            small |= data[i + 1] < org.qdedup.io.FileBlockFile.DIRECT_MIN;
+        }
+        if (n > 2 && small) {
+            long first = data[0];
+            buf.clear().limit((int) (data[n - 2] + data[n - 1] - first));
+            src.read(buf, first);
+            for (int i = 0; i < n; i += 2) {
+                writeNonZero(target, buf.slice((int) (data[i] - first), (int) data[i + 1]), data[i], true);
+            }
+            return;
+        }
+        for (int i = 0; i < n; i += 2) {
+            buf.clear().limit((int) data[i + 1]);
+            src.read(buf, data[i]);
+            writeNonZero(target, buf.flip(), data[i], true);
         }
     }
 

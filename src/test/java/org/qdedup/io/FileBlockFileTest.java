@@ -84,6 +84,66 @@ class FileBlockFileTest {
         assertThat(java.util.Arrays.equals(Files.readAllBytes(p), model)).isTrue();
     }
 
+    /**
+     * Convert's reads of a file that is not in the page cache go around it: they return the file's bytes, a dirty
+     * cached patch inside the range included (the kernel writes it back first) and the end of a file that stops inside
+     * a block, and leave the cache as it was. A file mostly in the cache reads buffered.
+     */
+    @Test
+    void directReadsOfAnUncachedFileSeeEveryByteAndLeaveTheCacheAlone() throws Exception {
+        org.junit.jupiter.api.Assumptions.assumeTrue(NativeFs.available());
+        Path p = dir.resolve("r");
+        int aligned = 3 << 20;
+        int size = aligned + 1000;
+        byte[] model = new byte[size];
+        new Random(5).nextBytes(model);
+        // The aligned bulk written with O_DIRECT, so none of it is in the page cache; the tail buffered.
+        try (var ch = java.nio.channels.FileChannel.open(p, java.nio.file.StandardOpenOption.CREATE,
+                java.nio.file.StandardOpenOption.WRITE, com.sun.nio.file.ExtendedOpenOption.DIRECT)) {
+            ByteBuffer b = Buffers.direct(aligned).put(model, 0, aligned).flip();
+            while (b.hasRemaining()) {
+                ch.write(b, b.position());
+            }
+        }
+        try (var ch = java.nio.channels.FileChannel.open(p, java.nio.file.StandardOpenOption.WRITE)) {
+            ch.write(ByteBuffer.wrap(model, aligned, 1000), aligned);
+            // A dirty, unsynced patch inside the bulk: the direct read must see it, not the older bytes on disk.
+            byte[] patch = new byte[5000];
+            new Random(6).nextBytes(patch);
+            ch.write(ByteBuffer.wrap(patch), (1 << 20) + 123);
+            System.arraycopy(patch, 0, model, (1 << 20) + 123, patch.length);
+        }
+        try (NativeFs.Fd probe = NativeFs.open(p, false)) {
+            org.junit.jupiter.api.Assumptions.assumeTrue(probe.cachedPages(0, size) >= 0, "cachestat(2) needs Linux 6.5");
+            assertThat(probe.cachedPages(0, size)).as("pages cached before the reads").isLessThan(8);
+        }
+        try (FileBlockFile f = FileBlockFile.open("r", p, false, FileBlockFile.Lock.NONE)) {
+            f.directReadsWhenUncached();
+            ByteBuffer all = Buffers.direct(4 << 20);
+            assertThat(f.read(all, 0)).isEqualTo(size);
+            assertThat(java.util.Arrays.equals(toArray(all.flip()), model)).isTrue();
+            assertThat(f.directBytesRead()).as("bytes read around the page cache").isGreaterThanOrEqualTo(aligned);
+            try (NativeFs.Fd probe = NativeFs.open(p, false)) {
+                assertThat(probe.cachedPages(0, size)).as("pages cached after the direct read").isLessThan(8);
+            }
+            // Unaligned reads take the buffered path beside the direct one.
+            long direct = f.directBytesRead();
+            ByteBuffer odd = Buffers.direct(300_000);
+            assertThat(f.read(odd, 777)).isEqualTo(300_000);
+            assertThat(java.util.Arrays.equals(toArray(odd.flip()), 0, 300_000, model, 777, 777 + 300_000)).isTrue();
+            assertThat(f.directBytesRead()).isEqualTo(direct);
+        }
+        // Once the file is in the cache, a new reader of it stays buffered.
+        Files.readAllBytes(p);
+        try (FileBlockFile f = FileBlockFile.open("r", p, false, FileBlockFile.Lock.NONE)) {
+            f.directReadsWhenUncached();
+            ByteBuffer again = Buffers.direct(2 << 20);
+            assertThat(f.read(again, 4096)).isEqualTo(2 << 20);
+            assertThat(java.util.Arrays.equals(toArray(again.flip()), 0, 2 << 20, model, 4096, 4096 + (2 << 20))).isTrue();
+            assertThat(f.directBytesRead()).as("a cached file reads buffered").isZero();
+        }
+    }
+
     /** contentEquals (dedup's confirmation of a candidate): equal, one byte off, and a range past the end. */
     @Test
     void contentEqualsComparesTheFileBytesExactly() throws Exception {
