@@ -5,7 +5,8 @@
 #
 # Environment: BENCH_DIR (default /tmp/qdedup-bench), RUNS (default 5), SIZE_MB (default 1024),
 #   CLUSTERS (default "65536 4096"), CACHE (-t for both tools, default writeback), SOURCES (default "random ext4"),
-#   DEDUP=1: qdedup converts with --dedup (qemu-img as before, same cluster size; CLUSTERS defaults to 4096)
+#   DEDUP=1: qdedup converts with --dedup (qemu-img as before, same cluster size; CLUSTERS defaults to 4096),
+#   SETTLE (seconds after each cache drop before the timed run, default 3: see convert-raw.sh and bench/README.md)
 set -euo pipefail
 root=$(cd "$(dirname "$(readlink -f "${BASH_SOURCE[0]}")")/.." && pwd)
 BENCH_DIR=${BENCH_DIR:-/tmp/qdedup-bench}
@@ -15,6 +16,8 @@ DEDUP=${DEDUP:-0}
 if [ "$DEDUP" = 1 ]; then CLUSTERS=${CLUSTERS:-4096}; else CLUSTERS=${CLUSTERS:-"65536 4096"}; fi
 dedup_flag=(); [ "$DEDUP" = 1 ] && dedup_flag=(--dedup)
 CACHE=${CACHE:-writeback}
+SETTLE=${SETTLE:-3}
+[[ $SETTLE =~ ^[0-9]+([.][0-9]+)?$ ]] || { echo "convert-qcow2: SETTLE must be a number of seconds (got '$SETTLE')" >&2; exit 1; }
 SOURCES=${SOURCES:-"random ext4"}
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
 mkdir -p "$BENCH_DIR"
@@ -48,7 +51,12 @@ for s in $SOURCES; do make_src "$s"; done
 "$QDEDUP" --version >/dev/null
 
 cold=1
-drop() { sync; if [ "$cold" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || { cold=0; log "WARNING: warm cache (cannot drop caches)"; }; fi; }
+drop() {
+  sync
+  if [ "$cold" = 1 ]; then
+    if echo 3 >/proc/sys/vm/drop_caches 2>/dev/null; then sleep "$SETTLE"; else cold=0; log "WARNING: warm cache (cannot drop caches)"; fi
+  fi
+}
 run() { # tool src dst cluster -> seconds
   local tool=$1 src=$2 dst=$3 cs=$4 t0 t1
   rm -f "$dst"; drop
@@ -63,6 +71,7 @@ run() { # tool src dst cluster -> seconds
 }
 median() { python3 -c "import sys, statistics; print('%.3f' % statistics.median(map(float, sys.argv[1:])))" "$@"; }
 
+echo "cold cache, settle ${SETTLE} s, -t $CACHE, $RUNS runs, medians"
 printf '%-10s %8s %12s %12s %8s\n' source cluster qemu-img_s qdedup_s ratio
 for s in $SOURCES; do
   src=$(src_path "$s")

@@ -9,6 +9,10 @@
 #   SIZE_MB    virtual size of the images in MiB (default 1024)
 #   IMAGES     which images, space separated, from: c64k c4k z64k (default all three)
 #   SEED       layout seed of the generated source (default 42)
+#   SETTLE     seconds to wait after dropping the page cache before each timed run (default 3): on a VM with free page
+#              reporting (virtio-balloon) the pages drop_caches frees stay backed by the host for ~2 s, then go back
+#              to it; a run started inside that window is faster than a real cold start, one started as the pages
+#              go back is slowed at an arbitrary point (see bench/README.md). 0 times right after the drop.
 #   QEMU_IMG   qemu-img binary (default qemu-img)
 #   QDEDUP     qdedup launcher (default: a frozen copy of <repo>/bin/qdedup and its jar, see SNAPSHOT)
 #   SNAPSHOT   1 (default): time a copy of bin/ + target/qdedup.jar + target/lib made after the build, so edits
@@ -21,6 +25,7 @@ RUNS=${RUNS:-5}
 SIZE_MB=${SIZE_MB:-1024}
 IMAGES=${IMAGES:-"c64k c4k z64k"}
 SEED=${SEED:-42}
+SETTLE=${SETTLE:-3}
 QEMU_IMG=${QEMU_IMG:-qemu-img}
 QDEDUP_SET=${QDEDUP:-}
 QDEDUP=${QDEDUP:-$root/bin/qdedup}
@@ -30,6 +35,7 @@ log() { echo "convert-raw: $*" >&2; }
 
 [[ $RUNS =~ ^[1-9][0-9]*$ ]] || die "RUNS must be a positive integer (got '$RUNS')"
 [[ $SIZE_MB =~ ^[1-9][0-9]*$ ]] || die "SIZE_MB must be a positive integer (got '$SIZE_MB')"
+[[ $SETTLE =~ ^[0-9]+([.][0-9]+)?$ ]] || die "SETTLE must be a number of seconds (got '$SETTLE')"
 command -v "$QEMU_IMG" >/dev/null || die "qemu-img not found"
 command -v python3 >/dev/null || die "python3 not found"
 [ -x "$QDEDUP" ] || die "$QDEDUP is not executable"
@@ -169,7 +175,7 @@ if ! { echo 3 >/proc/sys/vm/drop_caches; } 2>/dev/null; then
 fi
 drop_caches() {
   sync
-  if [ "$cold" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; fi
+  if [ "$cold" = 1 ]; then echo 3 >/proc/sys/vm/drop_caches; sleep "$SETTLE"; fi
 }
 
 now() { date +%s.%N; }
@@ -195,7 +201,7 @@ time_one() {
 
 results="$BENCH_DIR/results.txt"
 : >"$results"
-log "RUNS=$RUNS SIZE_MB=$SIZE_MB images: $IMAGES"
+log "RUNS=$RUNS SIZE_MB=$SIZE_MB SETTLE=$SETTLE images: $IMAGES"
 for id in $IMAGES; do
   src=$(img_path "$id")
   dq="$BENCH_DIR/out-qemu.raw"; dd="$BENCH_DIR/out-qdedup.raw"
@@ -218,15 +224,15 @@ for id in $IMAGES; do
   echo "$(img_desc "$id")|${qs[*]}|${ds[*]}" >>"$results"
 done
 
-python3 - "$results" "$cold" "$RUNS" "$SIZE_MB" <<'PY'
+python3 - "$results" "$cold" "$RUNS" "$SIZE_MB" "$SETTLE" <<'PY'
 import statistics, sys
-path, cold, runs, size = sys.argv[1], sys.argv[2] == '1', sys.argv[3], sys.argv[4]
+path, cold, runs, size, settle = sys.argv[1], sys.argv[2] == '1', sys.argv[3], sys.argv[4], sys.argv[5]
 def med(field, i): return statistics.median(float(x.split(',')[i]) for x in field.split())
 rows = []
 for line in open(path):
     name, q, d = line.rstrip('\n').split('|')
     rows.append((name, med(q, 0), med(d, 0), med(q, 1), med(d, 1)))
-print('convert -O raw, %s MiB virtual, %s runs, %s cache, medians' % (size, runs, 'cold' if cold else 'WARM'))
+print('convert -O raw, %s MiB virtual, %s runs, %s cache (settle %s s), medians' % (size, runs, 'cold' if cold else 'WARM', settle))
 print('%-22s %11s %11s %7s  %11s %11s' % ('image', 'qemu-img s', 'qdedup s', 'ratio', 'qemu cpu s', 'qdedup cpu s'))
 for n, mq, md, cq, cd in rows:
     r = md / mq if mq else float('inf')

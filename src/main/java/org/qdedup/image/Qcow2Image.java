@@ -344,8 +344,7 @@ public final class Qcow2Image implements WritableDevice {
      * small clusters between L2 tables, data between zero clusters) with one read of the stretch that holds them,
      * when that file is read around the page cache: there no readahead joins them, and one small direct read each
      * would wait on the disk each time. Zero clusters met on the way (and unallocated ones without a backing file)
-     * are filled in place. Returns the guest bytes
-     * of {@code dst} (from its position, at guest offset {@code pos}) it filled.
+     * are filled in place. Returns the bytes of {@code dst} (from its position, guest offset {@code pos}) it filled.
      */
     private int readGathered(ByteBuffer dst, long pos, Mapping first) throws IOException {
         int base = dst.position(), end = dst.limit();

@@ -87,7 +87,6 @@ public interface BlockFile extends Closeable {
         }
     }
 
-    /** Reads exactly {@code dst.remaining()} bytes, filling with zeros past end of file. */
     /**
      * Whether large reads of this file go around the page cache (see FileBlockFile#directReadsWhenUncached): readers
      * then gather small pieces lying close together into one large read, as the cache's readahead would have.
@@ -96,6 +95,7 @@ public interface BlockFile extends Closeable {
         return false;
     }
 
+    /** Reads exactly {@code dst.remaining()} bytes, filling with zeros past end of file. */
     default void readFully(ByteBuffer dst, long pos) throws IOException {
         int want = dst.remaining();
         int got = read(dst, pos);

@@ -14,8 +14,8 @@ import java.nio.file.Path;
 
 /**
  * The few file system calls the JDK lacks, through {@code java.lang.foreign}: SEEK_DATA/SEEK_HOLE, st_blocks, hole
- * punching, QEMU's lock bytes, write-back hints, page-cache residency (cachestat) and fsync. Linux on x86_64 and aarch64 only; elsewhere the methods
- * report "all data" and "not supported".
+ * punching, QEMU's lock bytes, write-back and readahead hints, page-cache residency (cachestat) and fsync. Linux on
+ * x86_64 and aarch64 only; elsewhere the methods report "all data" and "not supported".
  */
 public final class NativeFs {
     private static final int O_RDONLY = 0;

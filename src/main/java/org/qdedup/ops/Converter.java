@@ -185,7 +185,7 @@ public final class Converter {
      * Copies a chunk of a source read around the page cache into a fresh target. When the chunk's data lies in
      * several extents, some of them small (small files on ext4, data between zero clusters), the stretch from the
      * first to the last data byte is read in one read: one small direct read per extent would wait on the disk each
-     * time. Only the data extents are then scanned and written; the zeros between them are left out unread.
+     * time. Only the data extents are then scanned and written; the zeros between them are neither.
      */
     private static void copySpan(BlockDevice src, Target target, long start, long end, ByteBuffer buf) throws IOException {
         long[] data = new long[2 * 8]; // (offset, length) of each data extent, neighbours merged
