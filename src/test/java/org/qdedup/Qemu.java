@@ -98,15 +98,17 @@ final class Qemu {
 
     /** {@code qemu-io -f FMT -c CMD... IMG}, all commands in one process; must exit 0 (qemu-io exits 1 if any failed). */
     static String io(Path dir, String fmt, String image, List<String> commands) {
-        return io(dir, "writeback", fmt, image, commands);
+        return io(dir, null, fmt, image, commands);
     }
 
-    /** {@link #io} with a cache mode ({@code -t}): {@code none} writes around the page cache. */
+    /** {@link #io} with a cache mode ({@code -t}, null for qemu-io's default); {@code none} writes around the cache. */
     static String io(Path dir, String cache, String fmt, String image, List<String> commands) {
         List<String> cmd = new ArrayList<>();
         cmd.add("qemu-io");
-        cmd.add("-t");
-        cmd.add(cache);
+        if (cache != null) {
+            cmd.add("-t");
+            cmd.add(cache);
+        }
         cmd.add("-f");
         cmd.add(fmt);
         for (String c : commands) {

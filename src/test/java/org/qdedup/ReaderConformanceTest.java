@@ -850,7 +850,7 @@ class ReaderConformanceTest {
      * then reads around the cache in large gathered reads, a path the warm convert above does not take.
      */
     static void checkConvertCold(Built b) throws Throwable {
-        String img = b.image();
+        b.image(); // built once, or its build failure again
         refRaw(b, null);
         try (Stream<Path> files = Files.list(b.dir)) {
             for (Path f : files.toList()) {
@@ -861,7 +861,6 @@ class ReaderConformanceTest {
                 }
             }
         }
-        Files.move(b.dir.resolve("ours.raw"), b.dir.resolve("ours-warm.raw"), java.nio.file.StandardCopyOption.REPLACE_EXISTING);
         checkConvert(b, null);
     }
 
