@@ -141,7 +141,7 @@ final class ConvertCommand implements Callable<Integer> {
     }
 
     /** Every file of the source chain reads its uncached bulk around the page cache: convert reads it only once. */
-    private static void directReadsWhenUncached(BlockDevice source) {
+    private static void directReadsWhenUncached(BlockDevice source) throws java.io.IOException {
         for (BlockDevice d = source; d != null; d = d.backing()) {
             if (d.file() instanceof FileBlockFile f) {
                 f.directReadsWhenUncached();

@@ -160,22 +160,31 @@ public final class FileBlockFile implements BlockFile {
      * file systems without O_DIRECT read as before, and a failing direct read falls back; O_DIRECT reads see dirty
      * cached pages too (the kernel writes them back first).
      */
-    public void directReadsWhenUncached() {
+    public void directReadsWhenUncached() throws IOException {
         if (fd == null || directReadChannel != null) {
             return;
         }
+        long size = channel.size();
+        long cached = fd.cachedPages(0, size);
+        if (cached >= 0 && cached * 2 < (size + Buffers.PAGE - 1) / Buffers.PAGE) {
+            directReadChannel = openDirect(StandardOpenOption.READ);
+            if (directReadChannel != null) {
+                fd.adviseRandom();
+            }
+        }
+    }
+
+    /** A second channel on the file with O_DIRECT (and {@link #directAlign} set), or null where it cannot be had. */
+    private FileChannel openDirect(StandardOpenOption mode) {
         try {
-            long size = channel.size();
-            long cached = fd.cachedPages(0, size);
             int block = directBlockSize();
-            if (cached < 0 || cached * 2 >= (size + Buffers.PAGE - 1) / Buffers.PAGE || block == 0) {
-                return;
+            if (block == 0) {
+                return null;
             }
             directAlign = block;
-            directReadChannel = FileChannel.open(path, StandardOpenOption.READ, com.sun.nio.file.ExtendedOpenOption.DIRECT);
-            fd.adviseRandom();
+            return FileChannel.open(path, mode, com.sun.nio.file.ExtendedOpenOption.DIRECT);
         } catch (IOException | UnsupportedOperationException e) {
-            directReadChannel = null; // e.g. tmpfs refuses O_DIRECT: buffered reads it is
+            return null; // e.g. tmpfs refuses O_DIRECT: buffered I/O it is
         }
     }
 
@@ -233,16 +242,7 @@ public final class FileBlockFile implements BlockFile {
         if (fd == null || !writable || directWriteChannel != null) {
             return;
         }
-        try {
-            int block = directBlockSize();
-            if (block == 0) {
-                return;
-            }
-            directAlign = block;
-            directWriteChannel = FileChannel.open(path, StandardOpenOption.WRITE, com.sun.nio.file.ExtendedOpenOption.DIRECT);
-        } catch (IOException | UnsupportedOperationException e) {
-            directWriteChannel = null;
-        }
+        directWriteChannel = openDirect(StandardOpenOption.WRITE);
     }
 
     /** The file system's block size, which O_DIRECT transfers must be aligned to, or 0 when it is not usable. */

@@ -156,85 +156,78 @@ public final class Converter {
 
     private static void copyChunk(BlockDevice src, Target target, boolean fresh, long start, long end, ByteBuffer buf)
             throws IOException {
-        if (fresh && src.prefersLargeReads()) {
-            copySpan(src, target, start, end, buf);
+        if (fresh) {
+            copyIntoFresh(src, target, start, end, buf);
             return;
         }
-        long pos = start;
-        while (pos < end) {
-            ChainStatus.Entry e = ChainStatus.entry(src, pos, end - pos);
-            long len = e.length();
-            if (len <= 0) {
-                throw new IOException(src.name() + ": block status made no progress at offset " + pos);
-            }
+        for (long pos = start; pos < end; ) {
+            ChainStatus.Entry e = entry(src, pos, end);
             if (e.zero()) {
-                if (!fresh) {
-                    target.zero(pos, len);
-                }
+                target.zero(pos, e.length());
             } else {
-                buf.clear().limit((int) len);
+                buf.clear().limit((int) e.length());
                 src.read(buf, pos);
-                buf.flip();
-                writeNonZero(target, buf, pos, fresh);
+                target.write(buf.flip(), pos);
             }
-            pos += len;
+            pos += e.length();
         }
     }
 
+    private static ChainStatus.Entry entry(BlockDevice src, long pos, long end) throws IOException {
+        ChainStatus.Entry e = ChainStatus.entry(src, pos, end - pos);
+        if (e.length() <= 0) {
+            throw new IOException(src.name() + ": block status made no progress at offset " + pos);
+        }
+        return e;
+    }
+
     /**
-     * Copies a chunk of a source read around the page cache into a fresh target. When the chunk's data lies in
-     * several extents, some of them small (small files on ext4, data between zero clusters), the stretch from the
-     * first to the last data byte is read in one read: one small direct read per extent would wait on the disk each
-     * time. Only the data extents are then scanned and written; the zeros between them are neither.
+     * Copies a chunk into a target that reads as zeros: zero extents are skipped, data extents written without their
+     * 4 KiB blocks of zeros. When the source is read around the page cache and the chunk's data lies in several
+     * extents, some of them small (small files on ext4, data between zero clusters), the stretch from the first to
+     * the last data byte is read in one read: one small direct read per extent would wait on the disk each time.
      */
-    private static void copySpan(BlockDevice src, Target target, long start, long end, ByteBuffer buf) throws IOException {
+    private static void copyIntoFresh(BlockDevice src, Target target, long start, long end, ByteBuffer buf)
+            throws IOException {
         long[] data = new long[2 * 8]; // (offset, length) of each data extent, neighbours merged
         int n = 0;
         boolean small = false;
         for (long pos = start; pos < end; ) {
-            ChainStatus.Entry e = ChainStatus.entry(src, pos, end - pos);
-            long len = e.length();
-            if (len <= 0) {
-                throw new IOException(src.name() + ": block status made no progress at offset " + pos);
-            }
+            ChainStatus.Entry e = entry(src, pos, end);
             if (!e.zero()) {
                 if (n > 0 && data[n - 2] + data[n - 1] == pos) {
-                    data[n - 1] += len;
+                    data[n - 1] += e.length();
                 } else {
                     if (n == data.length) {
                         data = java.util.Arrays.copyOf(data, 2 * n);
                     }
                     data[n++] = pos;
-                    data[n++] = len;
+                    data[n++] = e.length();
                 }
             }
-            pos += len;
+            pos += e.length();
         }
         for (int i = 0; i < n; i += 2) {
             small |= data[i + 1] < org.qdedup.io.FileBlockFile.DIRECT_MIN;
         }
-        if (n > 2 && small) {
+        if (n > 2 && small && src.prefersLargeReads()) {
             long first = data[0];
             buf.clear().limit((int) (data[n - 2] + data[n - 1] - first));
             src.read(buf, first);
             for (int i = 0; i < n; i += 2) {
-                writeNonZero(target, buf.slice((int) (data[i] - first), (int) data[i + 1]), data[i], true);
+                writeNonZero(target, buf.slice((int) (data[i] - first), (int) data[i + 1]), data[i]);
             }
             return;
         }
         for (int i = 0; i < n; i += 2) {
             buf.clear().limit((int) data[i + 1]);
             src.read(buf, data[i]);
-            writeNonZero(target, buf.flip(), data[i], true);
+            writeNonZero(target, buf.flip(), data[i]);
         }
     }
 
-    /** Writes the buffer at {@code pos}, leaving out 4 KiB blocks of zeros when the target already reads as zeros. */
-    private static void writeNonZero(Target target, ByteBuffer buf, long pos, boolean fresh) throws IOException {
-        if (!fresh) {
-            target.write(buf, pos);
-            return;
-        }
+    /** Writes the buffer at {@code pos} into a target that reads as zeros, leaving out its blocks of zeros. */
+    private static void writeNonZero(Target target, ByteBuffer buf, long pos) throws IOException {
         int n = buf.limit();
         int g = target.granularity();
         java.lang.foreign.MemorySegment seg = java.lang.foreign.MemorySegment.ofBuffer(buf.duplicate().position(0));
